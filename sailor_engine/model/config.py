@@ -1,6 +1,7 @@
-"""Typed configuration: one msgspec Struct per section, the single source of truth.
+"""Model section of the config: the architecture of a Llama / Qwen2 / Qwen3 decoder.
 
-(Seed version: only the model section so far; loading, overrides and the other sections follow.)
+A frozen msgspec Struct (validated on decode, hashable); sailor_engine.config composes it with the
+other sections and handles loading and overrides.
 """
 
 from __future__ import annotations
