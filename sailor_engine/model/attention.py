@@ -1,0 +1,273 @@
+"""Causal attention for the three forward modes, with the optional backends detected once.
+
+    PaddedAttention   (B, T) batches, optional key-padding mask         -> SDPA
+    VarlenAttention   a packed token stream split by cu_seqlens          -> flash-attn | xformers | flex | sdpa
+    CachedAttention   new tokens appended to a slab KV cache, per slot   -> SDPA with an explicit mask
+
+Each is a small callable `ctx(layer_idx, q, k, v) -> out` built once per forward by the model, so a
+decoder layer never needs to know which mode it runs in. q: (..., num_heads, head_dim),
+k / v: (..., num_kv_heads, head_dim); GQA maps query head i to kv head i // (num_heads // num_kv_heads),
+the Llama / Qwen convention.
+
+Backends: flash-attn and xformers are import-guarded (they cannot even be installed on CPU machines);
+FlexAttention and SDPA ship with torch. `backend_status()` reports what is usable and why not;
+`resolve_backend()` turns "auto" into the best available one for a device and dtype. A forced backend
+that is unavailable is an error, never a silent substitute.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:  # flash-attn 2.x varlen kernel (CUDA only)
+    from flash_attn import flash_attn_varlen_func as _flash_varlen
+
+    _FLASH_ERR = None
+except (ImportError, NotImplementedError, OSError) as e:  # OSError: a wheel built for another CUDA/torch
+    _flash_varlen, _FLASH_ERR = None, f"{type(e).__name__}: {e}"
+
+try:  # xformers memory-efficient attention with a block-diagonal causal bias (CUDA only)
+    from xformers.ops import fmha as _xfmha
+
+    _XF_ERR = None
+except (ImportError, NotImplementedError, OSError) as e:
+    _xfmha, _XF_ERR = None, f"{type(e).__name__}: {e}"
+
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    _FLEX_ERR = None
+except ImportError as e:  # pragma: no cover - torch >= 2.5 always has it
+    create_block_mask = flex_attention = None
+    _FLEX_ERR = f"{type(e).__name__}: {e}"
+
+BACKENDS = ("flash_attn", "xformers", "flex", "sdpa")
+HAS_FLASH_ATTN = _flash_varlen is not None
+HAS_XFORMERS = _xfmha is not None
+HAS_FLEX = flex_attention is not None
+
+
+def backend_status() -> dict[str, str]:
+    """Each varlen backend -> "available" or "unavailable: <reason>" (for `sailor-engine info`)."""
+    cuda = torch.cuda.is_available()
+    status = {}
+    for name, err in (("flash_attn", _FLASH_ERR), ("xformers", _XF_ERR)):
+        if err is not None:
+            status[name] = f"unavailable: {err}"
+        elif not cuda:
+            status[name] = "unavailable: needs CUDA"
+        else:
+            status[name] = "available"
+    status["flex"] = "available" if HAS_FLEX else f"unavailable: {_FLEX_ERR}"
+    status["sdpa"] = "available"
+    return status
+
+
+def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Turn "auto" into a concrete backend for (device, dtype); validate a forced one.
+
+    auto on CUDA: flash-attn (fp16/bf16 only) > xformers > flex > sdpa. auto on CPU: sdpa, since
+    FlexAttention without torch.compile materialises the whole (N, N) score matrix of the pack.
+    """
+    if requested not in ("auto",) + BACKENDS:
+        raise ValueError(f"model.attn_backend must be one of auto, {', '.join(BACKENDS)}; got {requested!r}")
+    cuda = device.type == "cuda"
+    half = dtype in (torch.float16, torch.bfloat16)
+    if requested == "auto":
+        if cuda and HAS_FLASH_ATTN and half:
+            return "flash_attn"
+        if cuda and HAS_XFORMERS:
+            return "xformers"
+        if cuda and HAS_FLEX:
+            return "flex"
+        return "sdpa"
+    reason = None
+    if requested == "flash_attn" and (not HAS_FLASH_ATTN or not cuda or not half):
+        reason = _FLASH_ERR or ("needs CUDA" if not cuda else f"needs fp16/bf16, got {dtype}")
+    elif requested == "xformers" and (not HAS_XFORMERS or not cuda):
+        reason = _XF_ERR or "needs CUDA"
+    elif requested == "flex" and not HAS_FLEX:
+        reason = _FLEX_ERR
+    if reason:
+        raise RuntimeError(f"attention backend {requested!r} was forced but is unavailable: {reason}")
+    return requested
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, **kw) -> Tensor:
+    """SDPA on (B, heads, T, d) tensors with GQA by head grouping."""
+    return F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1], **kw)
+
+
+class PaddedAttention:
+    """Causal attention over a (B, T) batch; key_padding_mask (B, T), True = real token.
+
+    Rows of left padding see no key at all; they attend to themselves instead of producing NaN
+    (their outputs are padding and must be ignored by the caller).
+    """
+
+    def __init__(self, key_padding_mask: Tensor | None = None):
+        self.mask = None
+        if key_padding_mask is not None:
+            m = key_padding_mask.bool()
+            T = m.shape[1]
+            causal = torch.ones(T, T, dtype=torch.bool, device=m.device).tril()
+            mask = causal[None] & m[:, None, :]  # (B, Tq, Tk)
+            mask |= torch.eye(T, dtype=torch.bool, device=m.device)[None]
+            self.mask = mask[:, None]  # (B, 1, Tq, Tk)
+
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (B, heads, T, d)
+        if self.mask is None:
+            out = _sdpa(q, k, v, is_causal=True)
+        else:
+            out = _sdpa(q, k, v, attn_mask=self.mask)
+        return out.transpose(1, 2)
+
+
+class VarlenAttention:
+    """Causal attention confined to each sequence of a packed stream.
+
+    cu_seqlens: (S + 1,) int cumulative lengths, cu_seqlens[0] = 0, cu_seqlens[-1] = N.
+    """
+
+    def __init__(self, cu_seqlens: Tensor, backend: str, max_seqlen: int | None = None):
+        self.cu = cu_seqlens
+        self.backend = backend
+        self.lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        self.max_seqlen = max(self.lens, default=0) if max_seqlen is None else max_seqlen
+        self._impl: Callable[[Tensor, Tensor, Tensor], Tensor] = getattr(self, f"_{backend}")
+        self._block_mask = None  # FlexAttention's mask is the same for every layer: build it once
+
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return self._impl(q, k, v)
+
+    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        outs = []
+        for qs, ks, vs in zip(q.split(self.lens), k.split(self.lens), v.split(self.lens)):
+            o = _sdpa(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None], is_causal=True)
+            outs.append(o[0].transpose(0, 1))
+        return torch.cat(outs) if outs else q.new_empty(q.shape)
+
+    def _flex(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        N = q.shape[0]
+        if self._block_mask is None:
+            doc = torch.repeat_interleave(
+                torch.arange(len(self.lens), device=q.device), torch.tensor(self.lens, device=q.device), output_size=N
+            )
+
+            def document_causal(b, h, qi, ki):
+                return (doc[qi] == doc[ki]) & (qi >= ki)
+
+            self._block_mask = create_block_mask(document_causal, None, None, N, N, device=q.device)
+        out = _flex_fn(q.device)(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+            block_mask=self._block_mask, enable_gqa=q.shape[1] != k.shape[1],
+        )
+        return out[0].transpose(0, 1)
+
+    def _flash_attn(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        cu = self.cu.to(torch.int32)
+        return _flash_varlen(q, k, v, cu, cu, self.max_seqlen, self.max_seqlen, causal=True)
+
+    def _xformers(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        group = q.shape[1] // k.shape[1]
+        if group > 1:  # the block-diagonal bias path wants equal head counts
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        bias = _xfmha.attn_bias.BlockDiagonalCausalMask.from_seqlens(self.lens)
+        return _xfmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias)[0]
+
+
+def _flex_fn(device: torch.device):
+    """FlexAttention is fused only when compiled; eager (the CPU path) materialises the scores and
+    has no backward on CPU (torch raises NotImplementedError, which we let through)."""
+    return _compiled_flex() if device.type == "cuda" else flex_attention
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex():
+    return torch.compile(flex_attention, dynamic=True)
+
+
+class KVCache:
+    """A preallocated slab KV cache: one (max_seq_len)-long row per slot, for every layer.
+
+    k, v: (num_layers, num_slots, max_seq_len, num_kv_heads, head_dim); lengths: (num_slots,) int64, the
+    number of valid positions in each slot. A slot is freed by setting its length to 0 (no copy).
+    """
+
+    def __init__(self, num_layers: int, num_slots: int, max_seq_len: int, num_kv_heads: int, head_dim: int,
+                 *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (num_layers, num_slots, max_seq_len, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(num_slots, dtype=torch.int64, device=device)
+        self.max_seq_len = max_seq_len
+
+    @property
+    def num_slots(self) -> int:
+        return self.k.shape[1]
+
+    def reset(self, slots: Tensor | list[int] | None = None) -> None:
+        if slots is None:
+            self.lengths.zero_()
+        else:
+            self.lengths[torch.as_tensor(slots, device=self.lengths.device)] = 0
+
+
+class CachedAttention:
+    """Append packed new tokens to their cache slots and attend over each slot's whole prefix.
+
+    Serves prefill, chunked prefill after a tool response, and one-token decode in one call.
+    new tokens: N packed, cu_seqlens (S + 1,); slots: (S,) cache rows, distinct. Token j of sequence i
+    goes to position lengths[slots[i]] + j. `positions` (N,) is what RoPE must use.
+    """
+
+    def __init__(self, cache: KVCache, cu_seqlens: Tensor, slots: Tensor):
+        dev = cache.lengths.device
+        slots = slots.to(dev, torch.int64)
+        n = (cu_seqlens[1:] - cu_seqlens[:-1]).to(dev, torch.int64)  # (S,)
+        if len(slots) == 0 or len(slots) != len(n):
+            raise ValueError(f"CachedAttention: need one slot per sequence, got {len(slots)} slots for {len(n)} sequences")
+        if len(torch.unique(slots)) != len(slots):
+            raise ValueError("CachedAttention: slots must be distinct within one call")
+        start = cache.lengths[slots]
+        end = start + n
+        if int(end.max()) > cache.max_seq_len:
+            raise ValueError(f"KV cache overflow: a sequence needs {int(end.max())} positions, "
+                             f"the cache holds {cache.max_seq_len}")
+        S, N = len(slots), int(n.sum())
+        seq_of_tok = torch.repeat_interleave(torch.arange(S, device=dev), n, output_size=N)
+        offset = torch.arange(N, device=dev) - cu_seqlens[:-1].to(dev, torch.int64)[seq_of_tok]
+        self.cache, self.slots, self.n, self.end = cache, slots, n, end
+        self.tok_slot = slots[seq_of_tok]  # (N,)
+        self.positions = start[seq_of_tok] + offset  # (N,)
+        self.seq_of_tok, self.offset = seq_of_tok, offset
+        q_max, k_max = max(int(n.max()), 1), max(int(end.max()), 1)  # >= 1: empty chunks are legal
+        key_pos = torch.arange(k_max, device=dev)
+        q_pos = start[:, None] + torch.arange(q_max, device=dev)[None]  # (S, q_max)
+        mask = key_pos[None, None, :] <= q_pos[:, :, None]  # causal, (S, q_max, k_max)
+        mask[:, :, 0] = True  # padded query rows see one key instead of none (NaN); outputs dropped
+        self.mask = mask[:, None]  # (S, 1, q_max, k_max)
+        self.q_max, self.k_max = q_max, k_max
+
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        c = self.cache
+        c.k[layer, self.tok_slot, self.positions] = k.to(c.k.dtype)
+        c.v[layer, self.tok_slot, self.positions] = v.to(c.v.dtype)
+        S, (H, D) = len(self.slots), q.shape[1:]
+        qp = q.new_zeros(S, self.q_max, H, D)
+        qp[self.seq_of_tok, self.offset] = q
+        keys = c.k[layer, self.slots, : self.k_max].to(q.dtype)  # (S, k_max, kv_heads, d)
+        vals = c.v[layer, self.slots, : self.k_max].to(q.dtype)
+        out = _sdpa(qp.transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2), attn_mask=self.mask)
+        return out.transpose(1, 2)[self.seq_of_tok, self.offset]
+
+    def commit(self) -> None:
+        """Advance the slots' lengths once every layer has written its keys and values."""
+        self.cache.lengths[self.slots] = self.end
+

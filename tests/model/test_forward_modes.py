@@ -1,0 +1,162 @@
+"""The three forward modes agree: padded batch, packed varlen (every available backend) and KV-cache
+decode. Reference: each sequence run alone through the padded forward."""
+
+import pytest
+import torch
+
+from sailor_engine.model import ModelConfig, Transformer, backend_status, packed_positions, resolve_backend
+from sailor_engine.model.attention import HAS_FLEX
+
+CFGS = {
+    "qwen2-gqa": ModelConfig(family="qwen2", vocab_size=97, hidden_size=48, intermediate_size=80, num_layers=2,
+                             num_heads=6, num_kv_heads=2, qkv_bias=True),
+    "qwen3-mha": ModelConfig(family="qwen3", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
+                             num_heads=4, num_kv_heads=4, head_dim=16, qk_norm=True, tie_word_embeddings=False),
+}
+LENS = [5, 1, 17, 9]
+
+
+def make(name, **kw):
+    import msgspec
+
+    cfg = msgspec.structs.replace(CFGS[name], **kw)
+    torch.manual_seed(0)
+    model = Transformer(cfg).init_weights(std=0.2, generator=torch.Generator().manual_seed(1)).eval()
+    seqs = [torch.randint(0, cfg.vocab_size, (n,)) for n in LENS]
+    return model, seqs
+
+
+def per_sequence_logits(model, seqs):
+    with torch.no_grad():
+        return torch.cat([model(s[None])[0] for s in seqs])
+
+
+def cu_of(seqs):
+    return torch.tensor([0] + [len(s) for s in seqs]).cumsum(0)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("name", CFGS)
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_packed_equals_per_sequence(name, backend):
+    if backend == "flex" and not HAS_FLEX:
+        pytest.skip("FlexAttention unavailable")
+    model, seqs = make(name, attn_backend=backend)
+    with torch.no_grad():
+        hidden = model.forward_packed(torch.cat(seqs), cu_of(seqs))
+    assert hidden.shape == (sum(LENS), model.cfg.hidden_size)
+    torch.testing.assert_close(model.logits(hidden), per_sequence_logits(model, seqs), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_flex_and_sdpa_agree_forward_and_backward():
+    """FlexAttention has no backward on CPU (torch raises), so gradient agreement is a GPU test."""
+    grads = {}
+    for backend in ("sdpa", "flex"):
+        model, seqs = make("qwen2-gqa", attn_backend=backend)
+        model.cuda().train()
+        seqs = [s.cuda() for s in seqs]
+        hidden = model.forward_packed(torch.cat(seqs), cu_of(seqs).cuda())
+        (hidden.square().mean()).backward()
+        grads[backend] = (hidden.detach(), {n: p.grad for n, p in model.named_parameters()})
+    torch.testing.assert_close(grads["flex"][0], grads["sdpa"][0], atol=1e-5, rtol=1e-5)
+    for n, g in grads["sdpa"][1].items():
+        torch.testing.assert_close(grads["flex"][1][n], g, atol=1e-5, rtol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("name", CFGS)
+def test_padded_batch_with_mask_equals_per_sequence(name):
+    model, seqs = make(name)
+    T = max(LENS)
+    ids = torch.zeros(len(seqs), T, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):  # left padding, as batched generation uses
+        ids[i, T - len(s):], mask[i, T - len(s):] = s, 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(ids, position_ids=pos, attention_mask=mask)
+    got = torch.cat([logits[i, T - len(s):] for i, s in enumerate(seqs)])
+    torch.testing.assert_close(got, per_sequence_logits(model, seqs), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", CFGS)
+def test_kv_cache_prefill_then_decode_equals_full_forward(name):
+    model, seqs = make(name)
+    want = per_sequence_logits(model, seqs).split(LENS)
+    cache = model.new_kv_cache(num_slots=6, max_seq_len=32)
+    slots = torch.tensor([4, 0, 2, 5])  # arbitrary rows
+    # prefill the first 1..3 tokens of each sequence (ragged), then decode the rest one token at a time,
+    # with sequences dropping out as they finish (continuous batching).
+    pre = [min(len(s), 1 + i) for i, s in enumerate(seqs)]
+    got = [[] for _ in seqs]
+    with torch.no_grad():
+        h = model.forward_cached(torch.cat([s[:p] for s, p in zip(seqs, pre)]), torch.tensor([0] + pre).cumsum(0),
+                                 cache, slots)
+        for i, chunk in enumerate(model.logits(h).split(pre)):
+            got[i].append(chunk)
+        pos = list(pre)
+        while True:
+            live = [i for i, s in enumerate(seqs) if pos[i] < len(s)]
+            if not live:
+                break
+            ids = torch.stack([seqs[i][pos[i]] for i in live])
+            h = model.forward_cached(ids, torch.arange(len(live) + 1), cache, slots[live])
+            for j, i in enumerate(live):
+                got[i].append(model.logits(h[j : j + 1]))
+                pos[i] += 1
+    for i in range(len(seqs)):
+        torch.testing.assert_close(torch.cat(got[i]), want[i], atol=2e-5, rtol=1e-5)
+    assert cache.lengths[slots].tolist() == LENS
+    assert cache.lengths[[1, 3]].tolist() == [0, 0]
+
+
+def test_resume_appends_only_new_tokens():
+    """A tool response appended mid-episode: prefill only the appended chunk, same as the full pass."""
+    model, seqs = make("qwen2-gqa")
+    s = torch.cat(seqs)  # one 32-token episode
+    cache = model.new_kv_cache(num_slots=1, max_seq_len=40)
+    with torch.no_grad():
+        a = model.forward_cached(s[:11], torch.tensor([0, 11]), cache, torch.tensor([0]))
+        b = model.forward_cached(s[11:], torch.tensor([0, len(s) - 11]), cache, torch.tensor([0]))
+        full = model(s[None])[0]
+    torch.testing.assert_close(model.logits(torch.cat([a, b])), full, atol=2e-5, rtol=1e-5)
+
+
+def test_cache_overflow_and_bad_inputs_are_errors():
+    model, seqs = make("qwen2-gqa")
+    cache = model.new_kv_cache(num_slots=2, max_seq_len=8)
+    with pytest.raises(ValueError, match="KV cache overflow"):
+        model.forward_cached(seqs[2], torch.tensor([0, 17]), cache, torch.tensor([0]))
+    with pytest.raises(ValueError, match="distinct"):
+        model.forward_cached(seqs[0][:2], torch.tensor([0, 1, 2]), cache, torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        model.forward_packed(torch.cat(seqs), torch.tensor([0, 5, 6]))
+
+
+def test_packed_positions_restart_per_sequence():
+    cu = torch.tensor([0, 3, 3, 5])
+    assert packed_positions(cu, 5).tolist() == [0, 1, 2, 0, 1]
+
+
+def test_backend_resolution_on_cpu():
+    status = backend_status()
+    assert status["sdpa"] == "available"
+    assert set(status) == {"flash_attn", "xformers", "flex", "sdpa"}
+    assert resolve_backend("auto", torch.device("cpu"), torch.float32) == "sdpa"
+    if not torch.cuda.is_available():
+        assert status["flash_attn"].startswith("unavailable")
+        with pytest.raises(RuntimeError, match="'flash_attn' was forced but is unavailable"):
+            resolve_backend("flash_attn", torch.device("cpu"), torch.bfloat16)
+        with pytest.raises(RuntimeError, match="'xformers' was forced"):
+            resolve_backend("xformers", torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match="attn_backend"):
+        resolve_backend("magic", torch.device("cpu"), torch.float32)
+
+
+def test_bf16_forward_tracks_fp32():
+    model, seqs = make("qwen3-mha")
+    with torch.no_grad():
+        ref = model.forward_packed(torch.cat(seqs), cu_of(seqs))
+        got = model.to(torch.bfloat16).forward_packed(torch.cat(seqs), cu_of(seqs))
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - ref).abs().max() / ref.abs().max() < 0.05
