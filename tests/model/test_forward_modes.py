@@ -160,3 +160,18 @@ def test_bf16_forward_tracks_fp32():
         got = model.to(torch.bfloat16).forward_packed(torch.cat(seqs), cu_of(seqs))
     assert got.dtype == torch.bfloat16
     assert (got.float() - ref).abs().max() / ref.abs().max() < 0.05
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["flash_attn", "xformers", "flex"])
+def test_cuda_backends_match_sdpa(backend):
+    """Each CUDA varlen backend against per-sequence SDPA on the same weights, bf16 (flash-attn has no fp32)."""
+    if backend_status()[backend] != "available":
+        pytest.skip(backend_status()[backend])
+    outs = {}
+    for b in (backend, "sdpa"):
+        model, seqs = make("qwen2-gqa", attn_backend=b)  # same seed: same weights and tokens
+        model = model.cuda().to(torch.bfloat16)
+        with torch.no_grad():
+            outs[b] = model.forward_packed(torch.cat(seqs).cuda(), cu_of(seqs).cuda()).float()
+    torch.testing.assert_close(outs[backend], outs["sdpa"], atol=3e-2, rtol=3e-2)
