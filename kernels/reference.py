@@ -16,3 +16,84 @@ import torch
 # ---------------------------------------------------------------------------------------------
 # policy loss
 # ---------------------------------------------------------------------------------------------
+
+
+def policy_loss_reference(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    dual_clip: float | None = None,
+    ref_logp: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    log_ratio_clamp: float = 20.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token clipped policy-gradient loss (+ KL penalty), written straight from the formulas.
+
+    logp, old_logp, loss_mask, ref_logp: (..., T); advantages: (..., T) per token, or (...,) /
+    (..., 1) per sequence. Computes in the promoted dtype of the float inputs (float64 for ground
+    truth; bf16 in, bf16 math: the naive peer). Differentiable through autograd w.r.t. logp.
+
+        r = exp(clamp(logp - old_logp, +-log_ratio_clamp))
+        L = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high));  A < 0: L = min(L, -A dual_clip)
+        loss = where(mask, L + kl_coef KL, 0)
+        KL: k1 = logp - ref; k2 = (logp - ref)^2 / 2; k3 = clamp(e^x - 1 - x, +-10), x = clamp(ref - logp, +-20)
+
+    Masked tokens are replaced by zeros before any arithmetic (so inf/NaN there reach neither
+    the loss nor, through torch.where's backward, the gradient) and zeroed after. Stats: the
+    kernel's PolicyLossStats fields as a dict, over unmasked tokens only (0 when there are none).
+    """
+    dtype = logp.dtype
+    for t in (old_logp, advantages, ref_logp):
+        dtype = dtype if t is None else torch.promote_types(dtype, t.dtype)
+    m = loss_mask != 0
+    zero = torch.zeros((), dtype=dtype, device=logp.device)
+    if advantages.dim() == logp.dim() - 1:
+        advantages = advantages.unsqueeze(-1)
+    lp = torch.where(m, logp.to(dtype), zero)
+    old = torch.where(m, old_logp.to(dtype), zero)
+    a = torch.where(m, advantages.to(dtype).expand_as(logp), zero)
+
+    ratio = torch.exp(torch.clamp(lp - old, -log_ratio_clamp, log_ratio_clamp))
+    loss = torch.maximum(-a * ratio, -a * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high))
+    if dual_clip is not None:
+        loss = torch.where(a < 0, torch.minimum(loss, -a * dual_clip), loss)
+
+    kl = zero
+    if ref_logp is not None:
+        ref = torch.where(m, ref_logp.to(dtype), zero)
+        if kl_estimator == "k1":
+            kl = lp - ref
+        elif kl_estimator == "k2":
+            kl = 0.5 * (lp - ref) ** 2
+        elif kl_estimator == "k3":
+            x = torch.clamp(ref - lp, -20.0, 20.0)
+            kl = torch.clamp(torch.expm1(x) - x, -10.0, 10.0)  # = e^x - x - 1, accurate near x = 0
+        else:
+            raise ValueError(f"kl_estimator must be 'k1', 'k2' or 'k3', got {kl_estimator!r}")
+        if kl_coef != 0.0:
+            loss = loss + kl_coef * kl
+    loss = torch.where(m, loss, zero)
+
+    with torch.no_grad():
+        n = m.sum()
+        denom = n.clamp(min=1).to(dtype)
+        r, ad = ratio.detach(), a.detach()
+
+        def mean(x: torch.Tensor) -> torch.Tensor:
+            return torch.where(m, x.to(dtype), zero).sum() / denom
+
+        stats = {
+            "num_tokens": n,
+            "clip_frac_low": mean((ad < 0) & (r < 1.0 - eps_low)),
+            "clip_frac_high": mean((ad > 0) & (r > 1.0 + eps_high)),
+            "dual_clip_frac": zero if dual_clip is None else mean((ad < 0) & (r > dual_clip)),
+            "ratio_mean": mean(r),
+            "ratio_max": torch.where(m, r, zero).amax() if r.numel() else zero,
+            "kl_mean": zero if ref_logp is None else mean(kl.detach().expand_as(r)),
+        }
+    return loss, stats
