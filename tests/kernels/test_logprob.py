@@ -1,0 +1,237 @@
+"""fused_linear_logprob against a float64 reference: forward, entropy, grads, both implementations.
+
+Each implementation runs in the working dtype and is compared with float64 ground truth; it passes
+if its error is at most 2x that of the same-dtype reference (kernels/reference.py) plus a small
+floor. The Triton kernels run under TRITON_INTERPRET=1 (tests/conftest.py) on tiny shapes.
+"""
+
+import pytest
+import torch
+
+from sailor_engine.kernels import logprob as lp
+from sailor_engine.kernels.logprob import fused_linear_logprob
+from sailor_engine.kernels.reference import linear_logprob_reference, naive_linear_logprob
+
+IGNORE = -100
+
+# (dtype, atol, rtol): the floor added to 2x the same-dtype reference error, rtol relative to max|truth|.
+TOLERANCES = [
+    pytest.param(torch.float32, 1e-6, 1e-6, id="fp32"),
+    pytest.param(torch.bfloat16, 1e-4, 1e-3, id="bf16"),
+]
+
+
+def _problem(n, h, v, *, seed=0, bias=True, ignore_rows=(), scale=3.0):
+    """float64 leaves: hidden (n, h), weight (v, h), bias (v,), targets (n,) hitting both vocab ends, grad (n,)."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=gen, dtype=torch.float64)
+    weight = torch.randn(v, h, generator=gen, dtype=torch.float64) * (scale / h**0.5)
+    b = torch.randn(v, generator=gen, dtype=torch.float64) if bias else None
+    targets = torch.randint(0, v, (n,), generator=gen)
+    targets[0] = 0
+    targets[-1] = v - 1
+    for r in ignore_rows:
+        targets[r] = IGNORE
+    g = torch.randn(n, generator=gen, dtype=torch.float64)
+    return hidden, weight, b, targets, g
+
+
+def _run(fn, hidden, weight, bias, targets, g, dtype, **kw):
+    """fn on copies of the leaves cast to dtype: (logp, entropy, dH, dW, db) as float64."""
+    leaves = [None if x is None else x.detach().to(dtype).requires_grad_() for x in (hidden, weight, bias)]
+    logp, ent = fn(leaves[0], leaves[1], targets, bias=leaves[2], return_entropy=True, ignore_index=IGNORE, **kw)
+    (logp.double() * g).sum().backward()
+    grads = [None if x is None else x.grad.double() for x in leaves]
+    return [logp.detach().double(), ent.double(), *grads]
+
+
+def _assert_close(ours, ref, truth, atol, rtol, names=("logp", "entropy", "dH", "dW", "db")):
+    for name, o, r, t in zip(names, ours, ref, truth):
+        if t is None:
+            assert o is None, name
+            continue
+        floor = atol + rtol * t.abs().max().item()
+        err, ref_err = (o - t).abs().max().item(), (r - t).abs().max().item()
+        assert err <= 2 * ref_err + floor, f"{name}: error {err:.3g} > 2 x reference's {ref_err:.3g} + {floor:.3g}"
+
+
+def _compare(impl, n, h, v, dtype, atol, rtol, temperature=1.0, **problem_kw):
+    hidden, weight, bias, targets, g = _problem(n, h, v, **problem_kw)
+    kw = dict(temperature=temperature)
+    truth = _run(linear_logprob_reference, hidden, weight, bias, targets, g, torch.float64, **kw)
+    ref = _run(linear_logprob_reference, hidden, weight, bias, targets, g, dtype, **kw)
+    ours = _run(fused_linear_logprob, hidden, weight, bias, targets, g, dtype, impl=impl, **kw)
+    _assert_close(ours, ref, truth, atol, rtol)
+    assert ours[0].max().item() <= 0.0
+    return ours, truth
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", TOLERANCES)
+@pytest.mark.parametrize("n, v", [(1, 1), (5, 1000), (123, 1000), (5, 65537)])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("tile_elems", [lp._TORCH_TILE_ELEMS, 4096])  # one vocab chunk; many
+def test_torch_path_matches_reference(n, v, temperature, tile_elems, dtype, atol, rtol, monkeypatch):
+    monkeypatch.setattr(lp, "_TORCH_TILE_ELEMS", tile_elems)
+    _compare("torch", n, 32, v, dtype, atol, rtol, temperature=temperature, ignore_rows=(1,) if n > 2 else ())
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", TOLERANCES)
+@pytest.mark.parametrize("n, h, v", [(1, 8, 1), (5, 40, 65), (33, 64, 300)])  # 65 = one past a 64-wide tile
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_triton_kernels_match_reference(n, h, v, temperature, dtype, atol, rtol):
+    _compare("triton", n, h, v, dtype, atol, rtol, temperature=temperature, ignore_rows=(2,) if n > 3 else ())
+
+
+def test_triton_and_torch_paths_agree():
+    hidden, weight, bias, targets, g = _problem(17, 48, 257, ignore_rows=(3,))
+    a = _run(fused_linear_logprob, hidden, weight, bias, targets, g, torch.float32, impl="triton", temperature=0.7)
+    b = _run(fused_linear_logprob, hidden, weight, bias, targets, g, torch.float32, impl="torch", temperature=0.7)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=2e-5, rtol=2e-5)
+
+
+def test_vocab_one_is_certain():
+    # softmax over a single entry: logp exactly 0, entropy 0, no gradient
+    for impl in ("torch", "triton"):
+        out = _run(fused_linear_logprob, *_problem(4, 8, 1), torch.float32, impl=impl)
+        for t in out:
+            assert torch.equal(t, torch.zeros_like(t)), impl
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_chunking_is_invisible(impl, monkeypatch):
+    """Many row blocks / vocab chunks / backward chunks give the same result as one."""
+    problem = _problem(21, 16, 150, ignore_rows=(4,))
+    whole = _run(fused_linear_logprob, *problem, torch.float32, impl=impl, temperature=0.7)
+    monkeypatch.setattr(lp, "_TORCH_TILE_ELEMS", 8 * 24)
+    monkeypatch.setattr(lp, "_TORCH_MAX_ROWS", 8)
+    monkeypatch.setattr(lp, "_BWD_CHUNK_BYTES", 6 * 150 * 4)
+    assert lp._torch_tiles(21, 150) == (8, 24)
+    chunked = _run(fused_linear_logprob, *problem, torch.float32, impl=impl, temperature=0.7)
+    for x, y in zip(whole, chunked):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
+
+def test_gradcheck_float64_torch_path(monkeypatch):
+    # tiny tiles: the online merge across vocab chunks and row blocks is differentiated too
+    monkeypatch.setattr(lp, "_TORCH_TILE_ELEMS", 6)
+    monkeypatch.setattr(lp, "_TORCH_MAX_ROWS", 2)
+    hidden, weight, bias, targets, _ = _problem(5, 3, 7, ignore_rows=(2,))
+    leaves = [x.requires_grad_() for x in (hidden, weight, bias)]
+    fn = lambda h, w, b: fused_linear_logprob(h, w, targets, bias=b, temperature=0.7, impl="torch")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_ignore_index_rows_are_inert(impl):
+    hidden, weight, bias, targets, g = _problem(9, 16, 70, ignore_rows=(0, 4, 8))
+    out = _run(fused_linear_logprob, hidden, weight, bias, targets, g, torch.float32, impl=impl)
+    keep = targets != IGNORE
+    assert torch.all(out[0][~keep] == 0) and torch.all(out[1][~keep] == 0)
+    assert torch.all(out[2][~keep] == 0)
+    # the ignored rows contribute nothing: same as running on the kept rows only
+    sub = _run(fused_linear_logprob, hidden[keep], weight, bias, targets[keep], g[keep], torch.float32, impl=impl)
+    torch.testing.assert_close(out[0][keep], sub[0])
+    torch.testing.assert_close(out[3], sub[3], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out[4], sub[4], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fully_masked_gives_zeros(impl, dtype):
+    hidden, weight, bias, _, g = _problem(6, 16, 50)
+    targets = torch.full((6,), IGNORE)
+    out = _run(fused_linear_logprob, hidden, weight, bias, targets, g, dtype, impl=impl, temperature=0.7)
+    for t in out:
+        assert torch.equal(t, torch.zeros_like(t))
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logprob_never_positive_on_peaked_rows(impl, dtype):
+    """Targets that own nearly all the mass (margins 8..40): logp rounds to 0 or just below, never above."""
+    gen = torch.Generator().manual_seed(3)
+    n, h, v = 16, 96, 90
+    weight = torch.eye(v, h, dtype=torch.float64)
+    targets = torch.randint(0, v, (n,), generator=gen)
+    margin = torch.linspace(8.0, 40.0, n, dtype=torch.float64)
+    hidden = margin[:, None] * weight[targets] + 0.1 * torch.randn(n, h, generator=gen, dtype=torch.float64)
+    logp, ent = fused_linear_logprob(hidden.to(dtype), weight.to(dtype), targets, return_entropy=True, impl=impl)
+    truth = linear_logprob_reference(hidden.to(dtype).double(), weight, targets)
+    assert logp.dtype == torch.float32 and torch.isfinite(logp).all()
+    assert (logp <= 0).all() and (ent >= 0).all()
+    assert (logp == 0).any()  # the clamp's regime is reached: p(target) rounds to 1
+    torch.testing.assert_close(logp.double(), truth, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_huge_logits_are_stable(impl):
+    hidden, weight, bias, targets, g = _problem(7, 16, 200, scale=3e3)
+    out = _run(fused_linear_logprob, hidden, weight, bias, targets, g, torch.float32, impl=impl)
+    truth = _run(linear_logprob_reference, hidden, weight, bias, targets, g, torch.float64)
+    for o, t in zip(out, truth):
+        assert torch.isfinite(o).all()
+        torch.testing.assert_close(o, t, atol=1e-3 * max(1.0, t.abs().max().item()), rtol=1e-4)
+
+
+def test_entropy_is_detached_and_output_fp32():
+    hidden, weight, _, targets, _ = _problem(5, 8, 20, bias=False)
+    h = hidden.bfloat16().requires_grad_()
+    logp, ent = fused_linear_logprob(h, weight.bfloat16(), targets, return_entropy=True)
+    assert logp.dtype == ent.dtype == torch.float32
+    assert logp.requires_grad and not ent.requires_grad
+    only = fused_linear_logprob(h, weight.bfloat16(), targets)
+    assert torch.equal(only, logp)
+
+
+def test_leading_dims_and_frozen_weight():
+    hidden, weight, bias, targets, g = _problem(12, 16, 30)
+    full = _run(fused_linear_logprob, hidden, weight, bias, targets, g, torch.float32)
+    h = hidden.float().reshape(3, 4, 16).requires_grad_()
+    logp = fused_linear_logprob(h, weight.float(), targets.reshape(3, 4), bias=bias.float(), ignore_index=IGNORE)
+    assert logp.shape == (3, 4)
+    (logp.double() * g.reshape(3, 4)).sum().backward()
+    torch.testing.assert_close(logp.reshape(-1).double(), full[0])
+    torch.testing.assert_close(h.grad.reshape(12, 16).double(), full[2])
+
+
+def test_naive_peer_matches_reference():
+    hidden, weight, bias, targets, _ = _problem(6, 16, 40)
+    naive = naive_linear_logprob(hidden.bfloat16(), weight.bfloat16(), targets, bias=bias.bfloat16(), temperature=0.7)
+    assert naive.dtype == torch.float32  # the peer upcasts the logits, as trainers do
+    truth = linear_logprob_reference(*(x.bfloat16().double() for x in (hidden, weight)), targets,
+                                     bias=bias.bfloat16().double(), temperature=0.7)
+    # logits rounded to bf16 once, then fp32 math
+    torch.testing.assert_close(naive.double(), truth, atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(weight=torch.zeros(10, 7)), ValueError, "weight is \\(10, 7\\) but hidden has H=8"),
+        (dict(targets=torch.zeros(5, dtype=torch.long)), ValueError, "targets shape"),
+        (dict(targets=torch.zeros(4)), TypeError, "targets must be an integer"),
+        (dict(targets=torch.tensor([0, 1, 10, 2])), ValueError, "targets contain 10, outside \\[0, 10\\)"),
+        (dict(targets=torch.tensor([0, -1, 2, 2])), ValueError, "targets contain -1"),
+        (dict(hidden=torch.zeros(4, 8, dtype=torch.long)), TypeError, "hidden must be floating"),
+        (dict(weight=torch.zeros(10, 8, dtype=torch.float64)), TypeError, "weight dtype"),
+        (dict(bias=torch.zeros(9)), ValueError, "bias shape \\(9,\\)"),
+        (dict(temperature=0.0), ValueError, "temperature"),
+        (dict(temperature=-1.0), ValueError, "temperature"),
+        (dict(temperature=float("inf")), ValueError, "temperature"),
+        (dict(impl="cuda"), ValueError, "impl must be"),
+        (dict(weight=torch.zeros(0, 8)), ValueError, "empty vocab"),
+    ],
+)
+def test_bad_input_is_named(change, error, match):
+    args = dict(hidden=torch.zeros(4, 8), weight=torch.zeros(10, 8), targets=torch.tensor([0, 9, IGNORE, 3]),
+                bias=None, temperature=1.0, impl="auto")
+    args.update(change)
+    with pytest.raises(error, match=match):
+        fused_linear_logprob(args.pop("hidden"), args.pop("weight"), args.pop("targets"), **args)
+
+
+def test_triton_rejects_float64():
+    with pytest.raises(ValueError, match="impl='triton' supports"):
+        fused_linear_logprob(torch.zeros(2, 4, dtype=torch.float64), torch.zeros(3, 4, dtype=torch.float64),
+                             torch.zeros(2, dtype=torch.long), impl="triton")
