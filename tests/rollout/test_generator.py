@@ -1,0 +1,185 @@
+"""Generator: greedy parity with transformers' generate, continuous batching, sessions, sampling law."""
+
+import math
+
+import pytest
+import torch
+
+from sailor_engine.model import ModelConfig, Transformer, load_hf
+from sailor_engine.rollout.generator import Generator, SamplingParams, sample_from
+
+transformers = pytest.importorskip("transformers")
+
+PROMPT_LENS = [3, 11, 1, 7, 20, 5]
+
+
+def prompts(vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in PROMPT_LENS]
+
+
+@pytest.fixture(scope="module")
+def hf_pair(tmp_path_factory):
+    """The same random weights in transformers and in the engine."""
+    cfg = transformers.Qwen2Config(vocab_size=83, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128,
+                                   tie_word_embeddings=True)
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():  # sharper distributions than the 0.02 init, so greedy paths are not all ties
+        for p in ref.parameters():
+            p.mul_(8.0 if p.ndim > 1 else 1.0)
+    path = tmp_path_factory.mktemp("hf")
+    ref.save_pretrained(path)
+    ref.generation_config.eos_token_id = None
+    ref.generation_config.pad_token_id = 0
+    return ref, load_hf(path).eval()
+
+
+def test_greedy_matches_transformers_generate(hf_pair):
+    ref, ours = hf_pair
+    ps = prompts(83)
+    gen = Generator(ours, max_batch=4, max_seq_len=64)  # fewer rows than prompts: continuous batching
+    outs = gen.generate(ps, SamplingParams(greedy=True, max_new_tokens=12))
+    for p, out in zip(ps, outs):
+        ids = torch.tensor([p])  # explicit mask: HF would otherwise treat token pad_token_id as padding
+        want = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)[0, len(p):]
+        want = want.tolist()
+        assert out.token_ids == want
+        assert out.finish_reason == "length"
+
+
+def test_logprobs_are_the_models_log_softmax(hf_pair):
+    _, ours = hf_pair
+    ps = prompts(83, seed=1)
+    for params in (SamplingParams(temperature=0.7, max_new_tokens=9, seed=5),
+                   SamplingParams(temperature=1.0, top_p=0.9, top_k=20, max_new_tokens=9, seed=6),
+                   SamplingParams(greedy=True, max_new_tokens=9)):
+        outs = Generator(ours, max_batch=3, max_seq_len=64).generate(ps, params)
+        T = 1.0 if params.is_greedy else params.temperature
+        for p, out in zip(ps, outs):
+            ids = torch.tensor([p + out.token_ids])
+            with torch.no_grad():
+                logp = torch.log_softmax(ours(ids)[0].double() / T, -1)
+            want = logp[len(p) - 1 : -1].gather(-1, torch.tensor(out.token_ids)[:, None])[:, 0]
+            torch.testing.assert_close(torch.tensor(out.logprobs, dtype=torch.float64), want, atol=2e-5, rtol=0)
+            assert max(out.logprobs) <= 0
+
+
+def test_continuous_batching_equals_one_at_a_time_and_seeds_reproduce(hf_pair):
+    _, ours = hf_pair
+    ps = prompts(83, seed=2)
+    params = SamplingParams(temperature=1.0, max_new_tokens=10, seed=123)
+    batched = Generator(ours, max_batch=4, max_seq_len=64).generate(ps, params)
+    single = Generator(ours, max_batch=1, max_seq_len=64).generate(ps, params)
+    again = Generator(ours, max_batch=6, max_seq_len=64).generate(ps, params)
+    for a, b, c in zip(batched, single, again):
+        assert a.token_ids == b.token_ids == c.token_ids
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+    other = Generator(ours, max_batch=4, max_seq_len=64).generate(ps, SamplingParams(max_new_tokens=10, seed=124))
+    assert any(a.token_ids != o.token_ids for a, o in zip(batched, other))
+
+
+def test_session_resume_prefills_only_appended_tokens(hf_pair):
+    """Turn 1 stops; a 'tool response' is appended; turn 2 continues from the cache, equal to a cold start."""
+    _, ours = hf_pair
+    p = prompts(83, seed=3)[4]
+    tool = [5, 6, 7, 8]
+    params = SamplingParams(greedy=True, max_new_tokens=6)
+    gen = Generator(ours, max_batch=2, max_seq_len=64)
+    s = gen.open_session()
+    gen.submit(s, p, params)
+    (_, turn1), = _drain(gen)
+    before = gen.stats["prefill_tokens"]
+    gen.submit(s, tool, params)
+    (_, turn2), = _drain(gen)
+    # only the last generated token of turn 1 (never fed) plus the appended tokens are prefilled
+    assert gen.stats["prefill_tokens"] - before == 1 + len(tool) - 1
+    cold = Generator(ours, max_batch=1, max_seq_len=64).generate([p + turn1.token_ids + tool], params)[0]
+    assert turn2.token_ids == cold.token_ids
+
+
+def test_eviction_reprefills_and_stays_correct(hf_pair):
+    _, ours = hf_pair
+    ps = prompts(83, seed=4)[:3]
+    params = SamplingParams(greedy=True, max_new_tokens=4)
+    gen = Generator(ours, max_batch=1, max_seq_len=64, num_slots=1)
+    sessions = [gen.open_session() for _ in ps]
+    first = {}
+    for s, p in zip(sessions, ps):
+        gen.submit(s, p, params)
+        (_, c), = _drain(gen)
+        first[s.id] = c.token_ids
+    for s in sessions:  # each resume needs the single row, evicting the previous session
+        gen.submit(s, [1, 2], params)
+        (_, c), = _drain(gen)
+        cold = Generator(ours, max_batch=1, max_seq_len=64).generate([s.context[: -len(c.token_ids)]], params)[0]
+        assert c.token_ids == cold.token_ids
+    assert gen.stats["evictions"] >= 2
+
+
+def test_stop_tokens_and_strings(hf_pair):
+    _, ours = hf_pair
+    p = prompts(83, seed=5)[1]
+    free = Generator(ours, max_batch=1, max_seq_len=64).generate([p], SamplingParams(greedy=True, max_new_tokens=10))[0]
+    stop_at = free.token_ids[3]
+    k = free.token_ids.index(stop_at)
+    out = Generator(ours, max_batch=1, max_seq_len=64).generate(
+        [p], SamplingParams(greedy=True, max_new_tokens=10, stop_token_ids=(stop_at,)))[0]
+    assert out.token_ids == free.token_ids[: k + 1] and out.finish_reason == "stop" and out.stop == stop_at
+    detok = lambda ids: "".join(f"<{i}>" for i in ids)  # noqa: E731
+    target = detok(free.token_ids[4:6])
+    gen = Generator(ours, max_batch=1, max_seq_len=64, detokenize=detok)
+    out = gen.generate([p], SamplingParams(greedy=True, max_new_tokens=10, stop_strings=(target,)))[0]
+    assert detok(out.token_ids).endswith(target) and out.stop == target
+    with pytest.raises(ValueError, match="detokenize"):
+        Generator(ours, max_batch=1, max_seq_len=64).generate([p], SamplingParams(stop_strings=("x",)))
+
+
+def test_context_limits_and_bad_params(hf_pair):
+    _, ours = hf_pair
+    gen = Generator(ours, max_batch=2, max_seq_len=16)
+    out = gen.generate([list(range(12))], SamplingParams(greedy=True, max_new_tokens=50))[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 4
+    with pytest.raises(ValueError, match="no room"):
+        gen.generate([list(range(16))], SamplingParams(max_new_tokens=1))
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="num_slots"):
+        Generator(ours, max_batch=4, num_slots=2)
+
+
+def test_sampling_law_chi_square():
+    """Empirical frequencies of sample_from match the truncated, renormalised distribution."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 12, generator=g, dtype=torch.float64) * 1.5
+    T, top_p, top_k, n = 0.7, 0.85, 6, 40000
+    logp = torch.log_softmax(logits / T, -1).expand(n, -1)
+    u = torch.rand(n, generator=g, dtype=torch.float64)
+    draws = sample_from(logp, u, torch.full((n,), top_p, dtype=torch.float64), torch.full((n,), top_k))
+    p = torch.softmax(logits[0] / T, -1)
+    order = p.argsort(descending=True)
+    kept, mass = [], 0.0
+    for i in order.tolist()[:top_k]:  # brute force: smallest prefix reaching top_p
+        kept.append(i)
+        mass += p[i].item()
+        if mass >= top_p:
+            break
+    expected = torch.zeros(12, dtype=torch.float64)
+    expected[kept] = p[kept] / p[kept].sum()
+    counts = torch.bincount(draws, minlength=12).double()
+    assert counts[expected == 0].sum() == 0
+    e = expected[kept] * n
+    chi2 = ((counts[kept] - e) ** 2 / e).sum().item()
+    df = len(kept) - 1
+    # Wilson-Hilferty approximation of the 0.999 quantile of chi2(df)
+    z = 3.09
+    crit = df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+    assert chi2 < crit, (chi2, crit)
+
+
+def _drain(gen):
+    done = []
+    while gen.has_work():
+        done.extend(gen.step())
+    return done
