@@ -1,0 +1,173 @@
+"""The `sailor-engine` command line (also `python -m sailor_engine`).
+
+    sailor-engine info                      versions, CUDA devices, Triton mode, attention backends
+    sailor-engine config [--fields]         the resolved config (or every field: type, default, meaning)
+    sailor-engine synth --out DIR           tasks, offline web and tokenizer from a knowledge graph
+
+Every command that reads a config takes `--config PATH` (.yaml / .yml / .toml / .json) and repeated
+`--set section.field=value`; the fields themselves are declared once, in the config Structs. A bad
+config exits with status 2 and its message on stderr, no traceback.
+
+Adding a command: write `def name(args) -> int | None` and add one `Command(...)` line to COMMANDS.
+Heavy imports (torch, the synthesis pipeline) stay inside the command that needs them, so the CLI
+starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+from collections.abc import Callable, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from sailor_engine import __version__
+from sailor_engine.config import FORMATS, Config, ConfigError, config_fields, dump_config, load_config
+
+
+def arg(*flags: str, **kwargs: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """One argparse argument, written as in add_argument."""
+    return flags, kwargs
+
+
+class Command(NamedTuple):
+    name: str
+    run: Callable[[argparse.Namespace], int | None]
+    help: str
+    args: tuple = ()  # arg(...) entries
+    config: bool = False  # takes --config and --set
+
+
+def _config(args: argparse.Namespace, *overrides: str) -> Config:
+    return load_config(args.config, [*args.set, *overrides])
+
+
+# --- info ---------------------------------------------------------------------------------------------
+
+_PACKAGES = ("torch", "triton", "transformers", "numba", "msgspec", "uvloop", "safetensors", "tokenizers")
+
+
+def _version(package: str) -> str:
+    try:  # read from the installed metadata: importing transformers alone takes seconds
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _devices(torch: Any) -> list[str]:
+    if not torch.cuda.is_available():
+        return ["none"]
+    rows = []
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        rows.append(f"{i}: {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.1f} GiB")
+    return rows
+
+
+def _triton_mode(cuda: bool) -> str:
+    if _version("triton") == "not installed":
+        return "unavailable: triton not installed (kernels use the PyTorch path)"
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return "interpreter (TRITON_INTERPRET=1)"
+    if cuda:
+        return "GPU"
+    return "unavailable: no CUDA device (kernels use the chunked PyTorch path; TRITON_INTERPRET=1 for the interpreter)"
+
+
+def info(args: argparse.Namespace) -> None:
+    rows: list[tuple[str, list[str]]] = [
+        ("sailor-engine", [__version__]),
+        ("python", [f"{platform.python_version()} ({platform.python_implementation()}, {platform.system()} "
+                    f"{platform.machine()})"]),
+    ]
+    rows += [(name, [_version(name)]) for name in _PACKAGES]
+    try:
+        import torch
+    except ImportError as e:
+        rows.append(("torch", [f"cannot import: {e}"]))
+    else:
+        import torch.distributed as dist
+
+        from sailor_engine.model.attention import backend_status
+
+        cuda = torch.cuda.is_available()
+        rows += [
+            ("torch build", [f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU only"]),
+            ("CUDA devices", _devices(torch)),
+            ("CPU threads", [str(torch.get_num_threads())]),
+            ("Triton", [_triton_mode(cuda)]),
+            ("distributed", [", ".join(f"{b}: {'available' if ok() else 'unavailable'}" for b, ok in (
+                ("nccl", dist.is_nccl_available), ("gloo", dist.is_gloo_available))) if dist.is_available()
+                else "unavailable"]),
+            ("attention", [f"{name}: {state}" for name, state in backend_status().items()]),
+        ]
+    width = max(len(name) for name, _ in rows) + 2
+    for name, lines in rows:
+        for i, line in enumerate(lines):
+            print(f"{name if i == 0 else '':<{width}}{line}")
+
+
+# --- config -------------------------------------------------------------------------------------------
+
+def show_config(args: argparse.Namespace) -> None:
+    if not args.fields:
+        sys.stdout.write(dump_config(_config(args), args.format))
+        return
+    # Two lines per field, since types and descriptions are long: `path: type = default`, then its meaning.
+    gap = ""
+    for f in config_fields():
+        if "." not in f.path:  # a section
+            print(f"{gap}# {f.path}: {f.description}")
+            gap = "\n"
+        else:
+            print(f"{f.path}: {f.type}{' = ' + f.default if f.default else ''}\n    {f.description}")
+
+
+# --- synth --------------------------------------------------------------------------------------------
+
+def synth(args: argparse.Namespace) -> None:
+    cfg = _config(args, *([f"synth.seed={args.seed}"] if args.seed is not None else []))
+    from sailor_engine.synth.pipeline import run_synth  # numba, bm25s, tokenizers: only when needed
+
+    run_synth(cfg.synth, args.out)
+
+
+COMMANDS = (
+    Command("info", info, "print versions, CUDA devices, the Triton mode and the attention backends"),
+    Command("config", show_config, "print the resolved config, or with --fields every field", config=True, args=(
+        arg("--format", choices=FORMATS, default="yaml", help="output format (default: yaml)"),
+        arg("--fields", action="store_true", help="list every field with its type, default and description"),
+    )),
+    Command("synth", synth, "synthesize tasks, the offline web and a tokenizer into DIR", config=True, args=(
+        arg("--out", type=Path, required=True, metavar="DIR", help="output directory"),
+        arg("--seed", type=int, help="overrides synth.seed"),
+    )),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sailor-engine", description="Train web-research agents the WebSailor way.")
+    parser.add_argument("--version", action="version", version=f"sailor-engine {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for cmd in COMMANDS:
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        if cmd.config:
+            p.add_argument("--config", metavar="PATH", help="config file: .yaml, .yml, .toml or .json")
+            p.add_argument("--set", action="append", default=[], metavar="A.B=VALUE",
+                           help="override one field, e.g. train.rl.lr=1e-6 (repeatable; value parsed as YAML)")
+        for flags, kwargs in cmd.args:
+            p.add_argument(*flags, **kwargs)
+        p.set_defaults(run=cmd.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except ConfigError as e:
+        print(f"sailor-engine {args.command}: error: {e}", file=sys.stderr)
+        return 2
