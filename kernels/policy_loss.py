@@ -76,10 +76,11 @@ class _Config:
 # Triton kernels
 # ---------------------------------------------------------------------------------------------
 
-# k3 = e^x - 1 - x = x^2 * sum_j x^j / (j + 2)!: Horner coefficients, highest first. Truncated at
-# j = 9, the next term is < 3e-9 relative for |x| < 1, below fp32 rounding; beyond |x| = 1 the
-# direct formula loses at most ~2 bits to cancellation.
-_K3_COEFS = tuple(1.0 / math.factorial(j + 2) for j in range(9, -1, -1))
+# k3 = e^x - 1 - x = x^2 * sum_j x^j / (j + 2)! for |x| < 1: Horner coefficients, highest first.
+# Truncated at j = 9 (fp32) / j = 17 (fp64), the next term is below the dtype's rounding; beyond
+# |x| = 1 the direct formula loses at most ~2 bits to cancellation.
+_K3_COEFS = {dt: tuple(1.0 / math.factorial(j + 2) for j in range(last, -1, -1))
+             for dt, last in ((torch.float32, 9), (torch.float64, 17))}
 
 
 @triton.jit
@@ -155,7 +156,7 @@ def _policy_loss_fwd_kernel(
     d = logp - old
     dc = tl.where(d > max_log_ratio, max_log_ratio, tl.where(d < -max_log_ratio, -max_log_ratio, d))
     r = _exp(dc, EXACT_EXP)
-    dr = tl.where(tl.abs(d) <= max_log_ratio, r, 0.0)
+    dr = tl.where(tl.abs(d) > max_log_ratio, 0.0, r)  # (not <=: a NaN log-ratio stays loud)
 
     # max(-A r, -A clip(r)) selects the clipped branch, with a zero gradient, exactly when it binds;
     # elsewhere both branches equal -A r (bitwise: -A clip(r) is then -A r or the smaller side).
@@ -182,7 +183,7 @@ def _policy_loss_fwd_kernel(
             # verl's low-variance KL: x clamped to +-20, k3 to +-10 (k3 >= 0: only the top binds).
             x = ref - logp
             k3, em1 = _k3_and_expm1(tl.where(x > 20.0, 20.0, tl.where(x < -20.0, -20.0, x)), EXACT_EXP)
-            dkl = tl.where((tl.abs(x) <= 20.0) & (k3 <= 10.0), -em1, 0.0)
+            dkl = tl.where((tl.abs(x) > 20.0) | (k3 > 10.0), 0.0, -em1)
             kl = tl.where(k3 > 10.0, 10.0, k3)
         if KL_IN_LOSS:
             loss = loss + kl_coef * kl
@@ -272,8 +273,9 @@ def _policy_loss_bwd_kernel(
 def _k3_and_expm1_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     small = x.abs() < 1.0
     xs = torch.where(small, x, 0.0)
-    p = torch.full_like(x, _K3_COEFS[0])
-    for c in _K3_COEFS[1:]:
+    coefs = _K3_COEFS[x.dtype]
+    p = torch.full_like(x, coefs[0])
+    for c in coefs[1:]:
         p = p * xs + c
     k3_small = xs * xs * p
     em1 = torch.where(small, xs + k3_small, torch.exp(x) - 1.0)
@@ -288,52 +290,49 @@ def _kl_torch(logp: torch.Tensor, ref: torch.Tensor, estimator: int) -> tuple[to
         return 0.5 * (logp - ref) * (logp - ref), logp - ref
     x = ref - logp
     k3, em1 = _k3_and_expm1_torch(x.clamp(-20.0, 20.0))
-    dkl = torch.where((x.abs() <= 20.0) & (k3 <= 10.0), -em1, 0.0)
+    dkl = torch.where((x.abs() > 20.0) | (k3 > 10.0), 0.0, -em1)
     return k3.clamp(max=10.0), dkl
 
 
 def _forward_torch(logp, old_logp, adv, mask, ref_logp, cfg: _Config, compute: torch.dtype, write_grad: bool):
     """logp, old_logp, mask, ref_logp: (R, T); adv: (R, T) or (R, 1). Returns loss (R, T),
     d loss / d logp (R, T) or None, stats (6,) and count (0-dim int64), like the kernels."""
+    # Masked tokens are not sanitised first (torch.where is slow on CPU): everything here is
+    # elementwise and closed-form (no autograd), and the last where()s drop whatever inf / NaN
+    # they produced. Unmasked tokens get the kernel's arithmetic, op for op.
     m = mask != 0
     zero = torch.zeros((), dtype=compute, device=logp.device)
-    lp = torch.where(m, logp.to(compute), zero)
-    old = torch.where(m, old_logp.to(compute), zero)
-    a = torch.where(m, adv.to(compute), zero)
+    lp, a = logp.to(compute), adv.to(compute)
     c = cfg.log_ratio_clamp
-    d = lp - old
+    d = lp - old_logp.to(compute)
     r = torch.exp(d.clamp(-c, c))
-    dr = torch.where(d.abs() <= c, r, zero)
     bind_hi = (a > 0) & (r > cfg.hi)
     bind_lo = (a < 0) & (r < cfg.lo)
-    loss = torch.where(bind_hi, -a * cfg.hi, torch.where(bind_lo, -a * cfg.lo, -a * r))
-    frozen = bind_hi | bind_lo
+    ratio = torch.where(bind_hi, cfg.hi, torch.where(bind_lo, cfg.lo, r))  # the selected branch's
+    frozen = bind_hi | bind_lo | (d.abs() > c)  # zero gradient (a NaN log-ratio stays loud)
     bind_dual = None
     if cfg.dual_clip is not None:
         bind_dual = (a < 0) & (r > cfg.dual_clip)
-        loss = torch.where(bind_dual, -a * cfg.dual_clip, loss)
+        ratio = torch.where(bind_dual, cfg.dual_clip, ratio)
         frozen = frozen | bind_dual
-    grad = torch.where(frozen, zero, -a * dr)
-    kl = None
+    loss = -a * ratio
+    grad = torch.where(frozen, zero, -a * r) if write_grad else None
+    kl_sum = zero
     if ref_logp is not None:
-        kl, dkl = _kl_torch(lp, torch.where(m, ref_logp.to(compute), zero), cfg.kl_estimator)
+        kl, dkl = _kl_torch(lp, ref_logp.to(compute), cfg.kl_estimator)
         if cfg.kl_coef != 0.0:
             loss = loss + cfg.kl_coef * kl
-            grad = grad + cfg.kl_coef * dkl
+            grad = grad + cfg.kl_coef * dkl if write_grad else None
+        kl_sum = torch.where(m, kl, zero).sum()
     loss = torch.where(m, loss, zero)
     grad = torch.where(m, grad, zero) if write_grad else None
 
     count = m.sum()
-    denom = count.clamp(min=1).to(torch.float64)
-
-    def mean(x: torch.Tensor | None) -> torch.Tensor:
-        if x is None:
-            return zero
-        return (torch.where(m, x.to(compute), zero).sum(dtype=torch.float64) / denom).to(compute)
-
+    denom = count.clamp(min=1).to(compute)
     r_masked = torch.where(m, r, zero)
-    stats = torch.stack([mean(bind_lo), mean(bind_hi), mean(bind_dual), mean(r),
-                         r_masked.max() if r.numel() else zero, mean(kl)])
+    frac = lambda b: zero if b is None else (b & m).sum().to(compute) / denom  # noqa: E731
+    stats = torch.stack([frac(bind_lo), frac(bind_hi), frac(bind_dual), r_masked.sum() / denom,
+                         r_masked.max() if r.numel() else zero, kl_sum / denom])
     return loss, grad, stats, count
 
 
