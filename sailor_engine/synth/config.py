@@ -37,7 +37,7 @@ class SynthConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     expand_new_prob: Annotated[Prob, Meta(description="Expansion step continues from the newest node with this probability, else from an earlier one (cycles, dense links).")] = 0.6
     expand_edge_budget: Annotated[int, Meta(ge=1, description="Edges per expanded local graph.")] = 16
     subgraph_min_nodes: Annotated[int, Meta(ge=1, description="Fewest entities in a question's subgraph.")] = 2
-    subgraph_max_nodes: Annotated[int, Meta(ge=1, description="Most entities in a question's subgraph.")] = 4
+    subgraph_max_nodes: Annotated[int, Meta(ge=2, le=6, description="Most entities in a question's subgraph (exact isomorphism checks enumerate up to 6! maps).")] = 4
     max_hops: Annotated[int, Meta(ge=1, le=6, description="Longest relation chain from an anchor to the answer.")] = 3
     # Questions.
     num_questions: Annotated[int, Meta(ge=1, description="Questions to emit (train + test), before the expert filter.")] = 2000
@@ -50,7 +50,8 @@ class SynthConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     search_top_k: Annotated[int, Meta(ge=1, description="Results per query returned by the search tool.")] = 5
     snippet_chars: Annotated[int, Meta(ge=16, description="Characters of page text in a search result snippet.")] = 120
     # Tokenizer.
-    vocab_size: Annotated[int, Meta(ge=64, description="BPE vocabulary size (special tokens included).")] = 4096
+    vocab_size: Annotated[int, Meta(ge=300, description="BPE vocabulary size (special tokens and 256 byte tokens included); an upper bound under max_token_chars.")] = 4096
+    max_token_chars: Annotated[int, Meta(ge=2, description="Longest BPE token in characters (leading-space marker included): keeps entity names split into frequent sub-word pieces.")] = 5
     # Expert trajectories (RFT cold start).
     expert_max_tokens: Annotated[int, Meta(ge=16, description="Drop expert trajectories longer than this (trained tokenizer).")] = 2048
     expert_min_tool_calls: Annotated[int, Meta(ge=0, description="Drop expert trajectories with fewer tool calls.")] = 2

@@ -1,0 +1,166 @@
+"""The synthesis pipeline: config -> World (in memory) -> files on disk, with a progress bar and a summary.
+
+    world = synthesize(cfg)            # graph, tasks, pages, offline web, tokenizer, expert trajectories
+    run_synth(cfg, Path("out"))        # writes the files below and prints the summary (the CLI calls this)
+    world = load_world(Path("out"))    # reads them back (tasks, pages, web, tokenizer, graph)
+
+Files: graph.jsonl, tasks.train.jsonl, tasks.test.jsonl, corpus.jsonl, index/ (bm25s), tokenizer.json,
+experts.jsonl (train tasks only), summary.json. Byte-identical under a seed: every random choice
+comes from generators seeded by (cfg.seed, stage), records are msgspec-encoded in a fixed order.
+The train / test split is by answer entity (a hash of seed and id), so no test answer is ever a
+training answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import msgspec
+import numpy as np
+from tokenizers import Tokenizer
+
+from sailor_engine.env.tools import OfflineWeb, Page
+from sailor_engine.synth.bpe import train_tokenizer
+from sailor_engine.synth.config import SynthConfig
+from sailor_engine.synth.corpus import build_corpus, entity_urls
+from sailor_engine.synth.expert import SYSTEM_PROMPT, Trajectory, chatml, expert_trajectories, filter_trajectories
+from sailor_engine.synth.generate import generate_tasks
+from sailor_engine.synth.graph import Graph, load_triples, synthetic_world, write_graph
+from sailor_engine.synth.questions import Rewrite, Task
+
+T = TypeVar("T")
+Advance = Callable[[int], None]
+Stage = Callable[[str, int], Advance]  # (description, total steps) -> advance(n)
+
+
+@dataclass
+class World:
+    cfg: SynthConfig
+    graph: Graph
+    train: list[Task]
+    test: list[Task]
+    pages: list[Page]
+    web: OfflineWeb
+    tokenizer: Tokenizer
+    experts: list[Trajectory]
+
+
+def _no_progress(desc: str, total: int) -> Advance:
+    return lambda n: None
+
+
+def is_test(seed: int, entity_id: str, fraction: float) -> bool:
+    h = hashlib.blake2b(f"{seed}:{entity_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2**64 < fraction
+
+
+def synthesize(cfg: SynthConfig, rewrite: Rewrite | None = None, stage: Stage = _no_progress) -> World:
+    """Build the whole world in memory (no files)."""
+    adv = stage("graph", 1)
+    g = synthetic_world(cfg) if cfg.graph == "synthetic" else load_triples(cfg.graph)
+    urls = entity_urls(g)
+    adv(1)
+    tasks = generate_tasks(g, cfg, urls, np.random.default_rng([cfg.seed, 2]), rewrite,
+                           stage("questions", cfg.num_questions))
+    train = [t for t in tasks if not is_test(cfg.seed, t.answer_id, cfg.test_fraction)]
+    test = [t for t in tasks if is_test(cfg.seed, t.answer_id, cfg.test_fraction)]
+    adv = stage("pages + search index", 2)
+    pages = build_corpus(g, cfg.distractor_pages, np.random.default_rng([cfg.seed, 3]))
+    adv(1)
+    web = OfflineWeb(pages, cfg.search_top_k, cfg.snippet_chars)
+    adv(1)
+    trajs = expert_trajectories(g, web, urls, train, stage("expert trajectories", len(train)))
+    adv = stage("tokenizer", 1)
+    texts = [p.text for p in pages] + [t.question for t in tasks] + [chatml(t.messages) for t in trajs] + [SYSTEM_PROMPT]
+    tok = train_tokenizer(texts, cfg.vocab_size, cfg.max_token_chars)
+    adv(1)
+    count = lambda s: len(tok.encode(s).ids)  # noqa: E731
+    experts = filter_trajectories(trajs, count, cfg.expert_max_tokens, cfg.expert_min_tool_calls)
+    return World(cfg, g, train, test, pages, web, tok, experts)
+
+
+def summary(world: World) -> dict:
+    tasks = world.train + world.test
+    return {
+        "entities": world.graph.num_entities,
+        "relations": int(len(world.graph.src)),
+        "tasks": {"train": len(world.train), "test": len(world.test)},
+        "level": dict(sorted(Counter(str(t.level) for t in tasks).items())),
+        "hops": dict(sorted(Counter(str(t.hops) for t in tasks).items())),
+        "obfuscation": dict(sorted(Counter(o for t in tasks for o in t.obfuscations).items())),
+        "pages": len(world.pages),
+        "vocab": world.tokenizer.get_vocab_size(),
+        "experts": len(world.experts),
+        "expert_tokens_mean": round(float(np.mean([t.num_tokens for t in world.experts])), 1) if world.experts else 0.0,
+    }
+
+
+def _write_jsonl(path: Path, records: list) -> None:
+    enc = msgspec.json.Encoder()
+    with open(path, "wb") as f:
+        for r in records:
+            f.write(enc.encode(r) + b"\n")
+
+
+def read_jsonl(path: Path, type_: type[T]) -> list[T]:
+    """Decode one record per line; an error names the file and line."""
+    dec = msgspec.json.Decoder(type_)
+    out = []
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    out.append(dec.decode(line))
+                except msgspec.DecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: {e}") from None
+    return out
+
+
+def write_world(world: World, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_graph(world.graph, out_dir / "graph.jsonl")
+    _write_jsonl(out_dir / "tasks.train.jsonl", world.train)
+    _write_jsonl(out_dir / "tasks.test.jsonl", world.test)
+    _write_jsonl(out_dir / "corpus.jsonl", world.pages)
+    _write_jsonl(out_dir / "experts.jsonl", world.experts)
+    world.web.save(out_dir / "index")
+    world.tokenizer.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "summary.json").write_bytes(msgspec.json.format(msgspec.json.encode(summary(world))) + b"\n")
+
+
+def load_world(out_dir: Path, cfg: SynthConfig | None = None) -> World:
+    """Read a world written by run_synth (cfg: the one it was made with, for the search settings)."""
+    cfg = cfg or SynthConfig()
+    pages = read_jsonl(out_dir / "corpus.jsonl", Page)
+    return World(cfg, load_triples(out_dir / "graph.jsonl"), read_jsonl(out_dir / "tasks.train.jsonl", Task),
+                 read_jsonl(out_dir / "tasks.test.jsonl", Task), pages,
+                 OfflineWeb.load(out_dir / "index", pages, cfg.search_top_k, cfg.snippet_chars),
+                 Tokenizer.from_file(str(out_dir / "tokenizer.json")), read_jsonl(out_dir / "experts.jsonl", Trajectory))
+
+
+def run_synth(cfg: SynthConfig, out_dir: Path, rewrite: Rewrite | None = None) -> None:
+    """Synthesize, write every file under out_dir, print a summary (rich progress bar while it runs)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    console = Console()
+    with Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as bar:
+        def stage(desc: str, total: int) -> Advance:
+            tid = bar.add_task(desc, total=total)
+            return lambda n: bar.advance(tid, n)
+
+        world = synthesize(cfg, rewrite, stage)
+        adv = stage("write files", 1)
+        write_world(world, Path(out_dir))
+        adv(1)
+    s = summary(world)
+    table = Table(title=f"synth: {out_dir}", show_header=False)
+    for key, value in s.items():
+        table.add_row(key, ", ".join(f"{k}: {v}" for k, v in value.items()) if isinstance(value, dict) else str(value))
+    console.print(table)
