@@ -89,16 +89,18 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 # --- YAML 1.2 core-schema scalars ------------------------------------------------------------------
 # PyYAML implements YAML 1.1: `1e-5` (no dot) is a string, `no` / `off` are booleans, `010` is
-# octal, `1:30` is 90 and `2024-01-01` a date. Each surprises someone writing `lr: 1e-5`; the loader and the dumper
+# octal, `1:30` is 90 and `2024-01-01` a date; each surprises someone. The loader and the dumper
 # share one table so that whatever dump_config writes reads back unchanged.
 
 _INT, _FLOAT, _BOOL, _TIMESTAMP = (f"tag:yaml.org,2002:{t}" for t in ("int", "float", "bool", "timestamp"))
 _SCALARS = (
     (_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), "tTfF"),
     (_INT, re.compile(r"^[-+]?(?:[0-9][0-9_]*|0x[0-9a-fA-F_]+|0o[0-7_]+)$"), "-+0123456789"),
-    (_FLOAT, re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)?\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                              |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
-                              |[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X), "-+0123456789."),
+    (_FLOAT, re.compile(r"""^(?:[-+]?(?:\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?    # .5, .5e-3
+                                  |[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+  # 1e-5, 1.5e-5
+                                  |[0-9][0-9_]*\.[0-9_]*                      # 1., 1.5
+                                  |\.(?:inf|Inf|INF))
+                              |\.(?:nan|NaN|NAN))$""", re.X), "-+0123456789."),
 )
 
 
@@ -145,8 +147,8 @@ def _represent_list(dumper: _Dumper, data: list | tuple) -> yaml.Node:
     return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
 
 
-_Dumper.add_representer(list, _represent_list)
-_Dumper.add_representer(tuple, _represent_list)
+for _seq in (list, tuple):
+    _Dumper.add_representer(_seq, _represent_list)
 
 
 # --- reading ---------------------------------------------------------------------------------------
@@ -441,7 +443,7 @@ def dump_config(cfg: Config, fmt: str = "yaml") -> str:
     if fmt == "json":
         return msgspec.json.format(msgspec.json.encode(data), indent=2).decode() + "\n"
     if fmt == "toml":
-        return "\n".join(_toml_table(data, ())).lstrip("\n") + "\n"
+        return "\n".join(_toml_table(data, ())) + "\n"
     raise ConfigError(f"unknown format {fmt!r} (expected one of {', '.join(FORMATS)})")
 
 
@@ -460,7 +462,7 @@ def _toml_table(table: dict, prefix: tuple) -> list[str]:
         else:
             lines.append(f"{key} = {_toml_value(value)}")
     for key, value in tables:
-        lines += ["", *_toml_table(value, prefix + (key,))]
+        lines += ([""] if lines else []) + _toml_table(value, prefix + (key,))
     return lines
 
 

@@ -1,0 +1,92 @@
+"""The sailor-engine command line: info, config and synth, in process through main() and once as `python -m`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import torch
+
+from sailor_engine import cli
+from sailor_engine.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "examples" / "tiny.yaml")
+
+
+@pytest.mark.parametrize("fmt", ["yaml", "toml", "json"])
+def test_config_prints_the_resolved_config(tmp_path, capsys, fmt):
+    assert cli.main(["config", "--config", TINY, "--set", "train.rl.lr=2e-5", "--set", "parallel.tp=2",
+                     "--format", fmt]) == 0
+    out = tmp_path / f"resolved.{fmt}"
+    out.write_text(capsys.readouterr().out)
+    assert load_config(out) == load_config(TINY, ["train.rl.lr=2e-5", "parallel.tp=2"])
+
+
+def test_config_error_exits_2_with_the_message(capsys):
+    assert cli.main(["config", "--config", TINY, "--set", "parallel.tp=0"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == "sailor-engine config: error: --set parallel.tp=0: parallel.tp must be >= 1, got 0\n"
+
+
+def test_config_fields_lists_type_default_and_description(capsys):
+    assert cli.main(["config", "--fields"]) == 0
+    out = capsys.readouterr().out
+    assert "parallel.tp: int >= 1 = 1\n    Tensor-parallel degree" in out
+    assert "# rollout: " in out and "train.rl.lr: float > 0 = 1e-06\n" in out
+
+
+def test_usage_errors_exit_2():
+    for argv in ([], ["nope"], ["synth"], ["config", "--format", "xml"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 2
+
+
+def test_info(capsys, monkeypatch):
+    import sailor_engine.model.attention as attention
+
+    monkeypatch.setattr(attention, "backend_status", lambda: {"flash_attn": "unavailable: needs CUDA", "sdpa": "available"})
+    real_version = metadata.version
+
+    def version(name):  # an optional package that is not installed must not take info down
+        if name == "uvloop":
+            raise metadata.PackageNotFoundError(name)
+        return real_version(name)
+
+    monkeypatch.setattr(metadata, "version", version)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"torch          {torch.__version__}\n" in out
+    assert "uvloop         not installed\n" in out
+    assert "Triton         interpreter (TRITON_INTERPRET=1)\n" in out
+    assert "attention      flash_attn: unavailable: needs CUDA\n               sdpa: available\n" in out
+    assert ("CUDA devices   none\n" in out) != torch.cuda.is_available()
+
+
+def test_info_runs_as_a_module():
+    result = subprocess.run([sys.executable, "-m", "sailor_engine", "info"], capture_output=True, text=True,
+                            timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert torch.__version__ in result.stdout and "attention" in result.stdout
+
+
+def test_synth_passes_its_section_and_seed(tmp_path, monkeypatch, capsys):
+    calls = []
+    pipeline = types.ModuleType("sailor_engine.synth.pipeline")
+    pipeline.run_synth = lambda cfg, out_dir: calls.append((cfg, out_dir))
+    monkeypatch.setitem(sys.modules, "sailor_engine.synth.pipeline", pipeline)
+    assert cli.main(["synth", "--out", str(tmp_path), "--seed", "7", "--config", TINY,
+                     "--set", "synth.num_questions=50"]) == 0
+    (cfg, out_dir), = calls
+    assert out_dir == tmp_path and cfg == load_config(TINY, ["synth.seed=7", "synth.num_questions=50"]).synth
+
+    assert cli.main(["synth", "--out", str(tmp_path), "--seed", "-1"]) == 2
+    assert "synth.seed must be >= 0, got -1" in capsys.readouterr().err
+    assert len(calls) == 1
