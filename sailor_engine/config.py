@@ -72,6 +72,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         if ctx is not None and ctx > m.max_position_embeddings:
             raise ValueError(f"rollout.max_context ({ctx}) must be <= model.max_position_embeddings "
                              f"({m.max_position_embeddings})")
+        if self.synth.expert_max_tokens > m.max_position_embeddings:
+            raise ValueError(f"synth.expert_max_tokens ({self.synth.expert_max_tokens}) must be <= "
+                             f"model.max_position_embeddings ({m.max_position_embeddings}): RFT trains on them")
         source = "rollout.max_context" if ctx is not None else "model.max_position_embeddings"
         if self.train.micro_batch_tokens < self.max_context:
             raise ValueError(f"train.micro_batch_tokens ({self.train.micro_batch_tokens}) must hold one whole "

@@ -103,6 +103,9 @@ def test_overrides_of_every_kind(tmp_path):
      "c.yaml:2, --set parallel.tp=3: parallel.tp (3) must divide model.num_heads (4)"),
     ("", ["rollout.max_context=8192"], "rollout.max_context (8192) must be <= model.max_position_embeddings (4096)"),
     ("", ["train.rl.questions_per_step=10"], "train.rl.questions_per_step (10) must split into algo.updates_per_batch (4)"),
+    ("", ["synth.expert_max_tokens=8192"], "synth.expert_max_tokens (8192) must be <= model.max_position_embeddings (4096)"),
+    ("", ["train.micro_batch_tokens=1000"], "train.micro_batch_tokens (1000) must hold one whole trajectory: "
+                                            ">= model.max_position_embeddings (4096)"),
     # syntax errors carry line and column
     ("parallel:\n  tp: 1\n   pp: [\n", (), "c.yaml:3:6: invalid YAML: mapping values are not allowed here"),
     ("parallel:\n  tp: 1\n  tp: 2\n", (), "c.yaml:3:3: invalid YAML: duplicate key 'tp'"),
