@@ -77,33 +77,30 @@ def _triton_mode(cuda: bool) -> str:
     return "unavailable: no CUDA device (kernels use the chunked PyTorch path; TRITON_INTERPRET=1 for the interpreter)"
 
 
+def _distributed(dist: Any) -> str:
+    if not dist.is_available():
+        return "unavailable (torch built without torch.distributed)"
+    backends = (("nccl", dist.is_nccl_available), ("gloo", dist.is_gloo_available))
+    return ", ".join(f"{name}: {'available' if ok() else 'unavailable'}" for name, ok in backends)
+
+
 def info(args: argparse.Namespace) -> None:
-    rows: list[tuple[str, list[str]]] = [
-        ("sailor-engine", [__version__]),
-        ("python", [f"{platform.python_version()} ({platform.python_implementation()}, {platform.system()} "
-                    f"{platform.machine()})"]),
-    ]
+    import torch
+    import torch.distributed as dist
+
+    from sailor_engine.model.attention import backend_status
+
+    python = f"{platform.python_version()} ({platform.python_implementation()}, {platform.system()} {platform.machine()})"
+    rows: list[tuple[str, list[str]]] = [("sailor-engine", [__version__]), ("python", [python])]
     rows += [(name, [_version(name)]) for name in _PACKAGES]
-    try:
-        import torch
-    except ImportError as e:
-        rows.append(("torch", [f"cannot import: {e}"]))
-    else:
-        import torch.distributed as dist
-
-        from sailor_engine.model.attention import backend_status
-
-        cuda = torch.cuda.is_available()
-        rows += [
-            ("torch build", [f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU only"]),
-            ("CUDA devices", _devices(torch)),
-            ("CPU threads", [str(torch.get_num_threads())]),
-            ("Triton", [_triton_mode(cuda)]),
-            ("distributed", [", ".join(f"{b}: {'available' if ok() else 'unavailable'}" for b, ok in (
-                ("nccl", dist.is_nccl_available), ("gloo", dist.is_gloo_available))) if dist.is_available()
-                else "unavailable"]),
-            ("attention", [f"{name}: {state}" for name, state in backend_status().items()]),
-        ]
+    rows += [
+        ("torch build", [f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU only"]),
+        ("CUDA devices", _devices(torch)),
+        ("CPU threads", [str(torch.get_num_threads())]),
+        ("Triton", [_triton_mode(torch.cuda.is_available())]),
+        ("distributed", [_distributed(dist)]),
+        ("attention", [f"{name}: {state}" for name, state in backend_status().items()]),
+    ]
     width = max(len(name) for name, _ in rows) + 2
     for name, lines in rows:
         for i, line in enumerate(lines):

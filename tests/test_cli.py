@@ -90,3 +90,13 @@ def test_synth_passes_its_section_and_seed(tmp_path, monkeypatch, capsys):
     assert cli.main(["synth", "--out", str(tmp_path), "--seed", "-1"]) == 2
     assert "synth.seed must be >= 0, got -1" in capsys.readouterr().err
     assert len(calls) == 1
+
+
+def test_info_lists_cuda_devices(monkeypatch):
+    props = types.SimpleNamespace(name="NVIDIA H100 80GB HBM3", major=9, minor=0, total_memory=80 * 2**30)
+    cuda = types.SimpleNamespace(is_available=lambda: True, device_count=lambda: 2, get_device_properties=lambda i: props)
+    rows = cli._devices(types.SimpleNamespace(cuda=cuda))
+    assert rows == ["0: NVIDIA H100 80GB HBM3, sm_90, 80.0 GiB", "1: NVIDIA H100 80GB HBM3, sm_90, 80.0 GiB"]
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert cli._triton_mode(cuda=True) == "GPU"
+    assert cli._triton_mode(cuda=False).startswith("unavailable: no CUDA device")
