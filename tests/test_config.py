@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sailor_engine.config import FORMATS, Config, ConfigError, config_fields, dump_config, load_config
 
@@ -185,3 +187,25 @@ def test_toml_cannot_write_a_null_whose_default_is_not_null():
     assert _toml_table({"model": {"head_dim": None, "hidden_size": 8}}, ()) == ["[model]", "hidden_size = 8"]
     with pytest.raises(ConfigError, match=r"parallel.tp = null cannot be written as TOML .* default is 1"):
         _toml_table({"parallel": {"tp": None}}, ())
+
+
+@settings(max_examples=60, deadline=None)
+@given(key=st.sampled_from(["parallel.tp", "parallel.dp", "train.rft.lr", "rollout.tools", "model.rope_scaling",
+                            "algo.judge", "train.betas", "synth.level_mix", "parallel", "x.y"]),
+       value=st.text(max_size=20))
+def test_any_override_value_gives_a_config_or_a_config_error(key, value):
+    try:
+        load_config(None, [f"{key}={value}"])
+    except ConfigError as e:
+        assert str(e).startswith(f"--set {key}=") or "must" in str(e)
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=st.text(alphabet="model:parallel tp{}[],-#\n 0123'\"", max_size=60))
+def test_any_yaml_file_gives_a_config_or_a_config_error(tmp_path_factory, text):
+    path = tmp_path_factory.mktemp("fuzz") / "c.yaml"
+    path.write_text(text)
+    try:
+        load_config(path)
+    except ConfigError as e:
+        assert str(e).startswith(str(path))
