@@ -3,10 +3,9 @@
 Any corpus of `Page`s works (synth/corpus.py renders one from the knowledge graph); env imports
 nothing from synth, so the arrow is synth -> env. BM25 (bm25s) ranks pages on title + text.
 
-The tool protocol the rollout's tool runner calls:
-    tool.name: str, tool.description: str, tool.args_type: a msgspec Struct type,
-    await tool(args) -> str                      (args already an instance of args_type)
-    await call_tool(tool, raw_arguments) -> str  (validates the decoded JSON first)
+The tools follow env/protocol.py (name, description, args_type, `await tool(args) -> str` with args
+an instance of args_type); `await call_tool(tool, raw_arguments)` validates decoded JSON first, for
+callers without the ToolRunner (the expert oracle, tests).
 Bad arguments, unknown urls and empty results are observations, never exceptions: the policy sees
 what went wrong and the run goes on.
 
@@ -19,11 +18,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Annotated
 
 import bm25s
 import msgspec
 import numpy as np
+
+if TYPE_CHECKING:
+    from sailor_engine.env.protocol import Tool
 
 SEPARATOR = "\n=======\n"  # between the blocks of a multi-query search or a multi-url visit
 MAX_ITEMS = 8  # queries / urls per call: bounds the observation length
@@ -45,15 +47,6 @@ class SearchArgs(msgspec.Struct, forbid_unknown_fields=True):
 class VisitArgs(msgspec.Struct, forbid_unknown_fields=True):
     url: Annotated[list[str], msgspec.Meta(min_length=1, max_length=MAX_ITEMS, description="Urls to read (from search results).")]
     goal: Annotated[str, msgspec.Meta(description="What to look for on the pages.")]
-
-
-@runtime_checkable
-class Tool(Protocol):
-    name: str
-    description: str
-    args_type: type[msgspec.Struct]
-
-    async def __call__(self, args) -> str: ...
 
 
 def _words(text: str) -> list[str]:
@@ -107,7 +100,11 @@ class OfflineWeb:
         return out
 
     def snippet(self, page: Page) -> str:
-        text = page.text.replace("\n", " ")
+        """The page's opening, with the title dropped from the start of every line but the first."""
+        lines = page.text.split("\n")
+        t = len(page.title)
+        rest = [ln[t + 1:] if ln.startswith(page.title + " ") else ln for ln in lines[1:]]
+        text = "; ".join(ln.rstrip(".") for ln in [lines[0], *rest])
         if len(text) <= self.snippet_chars:
             return text
         return text[: self.snippet_chars].rsplit(" ", 1)[0] + " ..."
@@ -148,7 +145,7 @@ class OfflineWeb:
                 continue
             page = self.pages[i]
             ev, summary = self.evidence(page, goal)
-            blocks.append(f"Page: {page.title}\n{url}\nEvidence for '{goal}':\n" + "\n".join(ev)
+            blocks.append(f"Page: {page.title}\n{url}\nEvidence:\n" + "\n".join(ev)
                           + f"\nSummary: {summary}")
         return SEPARATOR.join(blocks)
 
@@ -177,7 +174,7 @@ class VisitTool:
         return self.web.visit(args.url, args.goal)
 
 
-async def call_tool(tool: Tool, arguments: object) -> str:
+async def call_tool(tool: "Tool", arguments: object) -> str:
     """Validate decoded JSON arguments against the tool's schema, then run it; bad input -> observation."""
     try:
         args = msgspec.convert(arguments, tool.args_type)

@@ -51,7 +51,8 @@ class SynthConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     snippet_chars: Annotated[int, Meta(ge=16, description="Characters of page text in a search result snippet.")] = 120
     # Tokenizer.
     vocab_size: Annotated[int, Meta(ge=300, description="BPE vocabulary size (special tokens and 256 byte tokens included); an upper bound under max_token_chars.")] = 4096
-    max_token_chars: Annotated[int, Meta(ge=2, description="Longest BPE token in characters (leading-space marker included): keeps entity names split into frequent sub-word pieces.")] = 5
+    max_token_chars: Annotated[int, Meta(ge=2, description="Longest BPE token in characters (leading-space marker included): keeps entity names split into sub-word pieces.")] = 5
+    min_pair_frequency: Annotated[int, Meta(ge=0, description="A BPE merge needs a pair seen this often: name pieces stay shared by many names (the vocabulary may end below vocab_size).")] = 30
     # Expert trajectories (RFT cold start).
     expert_max_tokens: Annotated[int, Meta(ge=16, description="Drop expert trajectories longer than this (trained tokenizer).")] = 2048
     expert_min_tool_calls: Annotated[int, Meta(ge=0, description="Drop expert trajectories with fewer tool calls.")] = 2

@@ -17,9 +17,9 @@ import numpy as np
 from sailor_engine.env.tools import Page
 from sailor_engine.synth import obfuscate as ob
 from sailor_engine.synth.graph import Graph
-from sailor_engine.synth.questions import article, attr_clause
+from sailor_engine.synth.phrasing import article, attr_clause
 
-ROOT = "https://wiki.sailor/"
+ROOT = "wiki://"  # short: urls are copied token by token from search results into visit calls
 MAX_LISTED = 8
 
 

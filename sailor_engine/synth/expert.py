@@ -22,10 +22,11 @@ import re
 
 import msgspec
 
-from sailor_engine.env.tools import OfflineWeb, SearchTool, Tool, VisitTool, call_tool
+from sailor_engine.env.tools import OfflineWeb, SearchTool, VisitTool, call_tool
 from sailor_engine.synth.constraints import Checker, Node
 from sailor_engine.synth.graph import Graph
-from sailor_engine.synth.questions import Task, relation_phrase
+from sailor_engine.synth.phrasing import relation_phrase
+from sailor_engine.synth.questions import Task
 
 SYSTEM_PROMPT = (
     "You are a web research agent. Answer the question by searching the web and reading pages.\n"
@@ -94,10 +95,9 @@ class Oracle:
 
     def __init__(self, g: Graph, web: OfflineWeb, urls: list[str]) -> None:
         self.g, self.web, self.urls, self.checker = g, web, urls, Checker(g)
-        self.search: Tool = SearchTool(web)
-        self.visit: Tool = VisitTool(web)
+        self.search, self.visit = SearchTool(web), VisitTool(web)
 
-    async def _call(self, msgs: list[Message], thought: str, tool: Tool, args: dict) -> str:
+    async def _call(self, msgs: list[Message], thought: str, tool, args: dict) -> str:
         call = msgspec.json.encode({"name": tool.name, "arguments": args}).decode()
         msgs.append(Message("assistant", f"<think>{thought}</think>\n<tool_call>{call}</tool_call>"))
         obs = await call_tool(tool, args)
@@ -123,11 +123,15 @@ class Oracle:
         why = "The question names {}."
         for node, parent in path:
             v = owner[id(node)]
-            if parent is None:  # at the answer: read its page for the remaining clues
+            if parent is None:  # at the answer: read its page for the remaining clues, if any
+                if not (node.attrs or node.degree or len(node.links) > 1):
+                    why += " So it is the answer."
+                    break
                 goal = f"{g.names[v]} {' '.join(_clue_words(g, node))}".strip()
                 obs = await self._reach(msgs, v, goal, f"{why} It may be the answer; I will check the other clues.")
                 if obs is None:
                     return None
+                why = ""
                 break
             link = next(lk for lk in parent.links if lk.node is node)
             e = _link_edge(g, owner[id(parent)], v, link)
@@ -140,8 +144,8 @@ class Oracle:
             how = "is linked to" if link.direction == "any" else phrase
             why = f"{g.names[v]} {how} {g.names[nxt_v]}, which fits the question."
         n_calls = sum(m.role == "tool" for m in msgs)
-        msgs.append(Message("assistant", f"<think>{task.answer} satisfies every clue of the question.</think>\n"
-                                         f"<answer>{task.answer}</answer>"))
+        thought = why or f"{task.answer} satisfies every clue of the question."
+        msgs.append(Message("assistant", f"<think>{thought}</think>\n<answer>{task.answer}</answer>"))
         return Trajectory(task.id, task.answer, msgs, n_calls)
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from sailor_engine.synth.constraints import Attr, Degree
 from sailor_engine.synth.graph import Graph
+from sailor_engine.synth.phrasing import attr_clause
 
 _PARTS = (("early", 0, 3), ("mid", 4, 6), ("late", 7, 9))
 _CENTURY_PARTS = (("early", 0, 33), ("mid", 34, 66), ("late", 67, 99))
@@ -124,4 +125,5 @@ def distractor_noise(g: Graph, i: int, rng: np.random.Generator) -> str | None:
     if not facts:
         return None
     kind, attr, value = facts[int(rng.integers(len(facts)))]
-    return f"Note: the {attr.replace('_', ' ')} of {g.names[i]} is {value}."
+    exact = exact_date(attr, value) if kind == "date" else exact_number(attr, value) if kind == "number" else category(attr, value)
+    return f"Note: {g.names[i]} {attr_clause(exact)}."

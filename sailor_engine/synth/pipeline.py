@@ -76,7 +76,7 @@ def synthesize(cfg: SynthConfig, rewrite: Rewrite | None = None, stage: Stage = 
     trajs = expert_trajectories(g, web, urls, train, stage("expert trajectories", len(train)))
     adv = stage("tokenizer", 1)
     texts = [p.text for p in pages] + [t.question for t in tasks] + [chatml(t.messages) for t in trajs] + [SYSTEM_PROMPT]
-    tok = train_tokenizer(texts, cfg.vocab_size, cfg.max_token_chars)
+    tok = train_tokenizer(texts, cfg.vocab_size, cfg.max_token_chars, cfg.min_pair_frequency)
     adv(1)
     count = lambda s: len(tok.encode(s).ids)  # noqa: E731
     experts = filter_trajectories(trajs, count, cfg.expert_max_tokens, cfg.expert_min_tool_calls)

@@ -23,7 +23,8 @@ import numpy as np
 from sailor_engine.synth import obfuscate as ob
 from sailor_engine.synth.config import SynthConfig
 from sailor_engine.synth.constraints import Checker, Link, Node
-from sailor_engine.synth.graph import Graph, Relation
+from sailor_engine.synth.graph import Graph
+from sailor_engine.synth.phrasing import PLURAL, article, attr_clause, relation_phrase
 from sailor_engine.synth.sample import Subgraph
 
 
@@ -164,33 +165,6 @@ def obfuscations(node: Node, noise: list[str]) -> list[str]:
 
 # --------------------------------------------------------------------------------------- rendering
 
-_DATE = {"birth_year": "was born", "founded_year": "was founded", "published_year": "was published",
-         "year": "took place"}
-_NUMBER = {"employees": "has {} employees", "population": "has a population of {}", "copies_sold": "sold {} copies",
-           "attendance": "drew {} visitors"}
-_CATEGORY = {"occupation": "works as {}", "industry": "works in {}", "kind": "is {}", "genre": "is {}"}
-_PLURAL = {"person": "people"}
-
-
-def article(word: str) -> str:
-    return ("an " if word[:1].lower() in "aeiou" else "a ") + word
-
-
-def attr_clause(a) -> str:
-    words = a.attr.replace("_", " ")
-    if a.kind == "date":
-        return f"{_DATE.get(a.attr, 'has ' + words)} {a.phrase}"
-    if a.kind == "number":
-        return _NUMBER.get(a.attr, f"has {words} {{}}").format(a.phrase)
-    if a.attr == "industry":
-        return _CATEGORY["industry"].format(a.value)
-    return _CATEGORY.get(a.attr, f"has {words} {{}}").format(article(a.value))
-
-
-def relation_phrase(rel: Relation, direction: str) -> str:
-    return rel.forward if direction == "out" else rel.inverse
-
-
 def _clauses(g: Graph, node: Node, rels: dict[str, Relation]) -> list[str]:
     out = []
     if node.initial is not None:
@@ -200,7 +174,7 @@ def _clauses(g: Graph, node: Node, rels: dict[str, Relation]) -> list[str]:
         rel = rels[node.degree.predicate]
         other = rel.object_type if node.degree.direction == "out" else rel.subject_type
         noun = other or "entity"
-        noun = noun if node.degree.count == 1 else _PLURAL.get(noun, noun + "s")
+        noun = noun if node.degree.count == 1 else PLURAL.get(noun, noun + "s")
         out.append(f"{relation_phrase(rel, node.degree.direction)} exactly {node.degree.count} {noun}")
     for link in node.links:
         verb = "is linked to" if link.direction == "any" else relation_phrase(rels[link.predicates[0]], link.direction)
