@@ -125,8 +125,8 @@ def duplicate_fill(informative: torch.Tensor, generator: torch.Generator) -> tup
         raise ValueError("duplicate_fill needs at least one informative group")
     rounds = -(-missing // n_kept)
     perm = torch.rand(rounds, n_kept, generator=generator).argsort(dim=1).flatten()[:missing]
-    index = torch.cat([kept, kept[perm]])
-    duplicate = torch.arange(len(index)) >= n_kept
+    index = torch.cat([kept, kept[perm.to(kept.device)]])
+    duplicate = torch.arange(len(index), device=index.device) >= n_kept
     return index, duplicate
 
 

@@ -64,18 +64,21 @@ def _seq_sum(x: torch.Tensor, seq_ids: torch.Tensor | None, num_seqs: int) -> to
     return torch.zeros(num_seqs, dtype=x.dtype, device=x.device).index_add_(0, seq_ids, x)
 
 
-def _count(mask: torch.Tensor, seq_ids: torch.Tensor | None) -> tuple[int, int]:
+def _count(mask: torch.Tensor, seq_ids: torch.Tensor | None) -> torch.Tensor:
+    """(2,) int64 on mask's device: loss tokens, sequences with at least one loss token."""
     m = mask != 0
     if m.dim() == 2:
-        return int(m.sum()), int(m.any(dim=1).sum())
+        return torch.stack([m.sum(), m.any(dim=1).sum()])
     if m.dim() != 1:
         raise ValueError(f"loss_mask must be (B, T) or packed (N,), got {tuple(mask.shape)}")
     if seq_ids is None:
         raise ValueError("seq_ids is required for packed (1-D) loss masks")
     if seq_ids.shape != m.shape:
         raise ValueError(f"seq_ids {tuple(seq_ids.shape)} must match loss_mask {tuple(m.shape)}")
-    per_seq = torch.bincount(seq_ids[m]) if m.any() else m.new_zeros(0, dtype=torch.long)
-    return int(m.sum()), int((per_seq > 0).sum())
+    if m.numel() == 0:
+        return torch.zeros(2, dtype=torch.int64, device=m.device)
+    per_seq = torch.bincount(seq_ids, weights=m.to(torch.float32))  # loss tokens per sequence
+    return torch.stack([m.sum(), (per_seq > 0).sum()])
 
 
 def global_norm(loss_masks: Sequence[torch.Tensor], seq_ids: Sequence[torch.Tensor | None] | None = None, *,
@@ -85,25 +88,23 @@ def global_norm(loss_masks: Sequence[torch.Tensor], seq_ids: Sequence[torch.Tens
     Call once per optimizer step, before any backward. loss_masks: this rank's micro-batch masks,
     (B, T) or packed (N,) (then seq_ids gives each token's sequence). grad_reduce: "sum" if the DP
     gradient reduction sums, "mean" if it averages (DDP / FSDP default): the loss is then scaled by
-    the DP size so the averaged gradient is still the full-batch gradient. One collective of two
-    int64 (exact at any scale).
+    the DP size so the averaged gradient is still the full-batch gradient. Counts stay on the
+    masks' device as int64 (exact at any scale): one collective, one host transfer.
     """
     if grad_reduce not in ("sum", "mean"):
         raise ValueError(f"grad_reduce must be 'sum' or 'mean', got {grad_reduce!r}")
     ids = list(seq_ids) if seq_ids is not None else [None] * len(loss_masks)
     if len(ids) != len(loss_masks):
         raise ValueError(f"seq_ids has {len(ids)} entries for {len(loss_masks)} loss masks")
-    tokens = seqs = 0
+    device = loss_masks[0].device if len(loss_masks) else torch.device("cpu")
+    counts = torch.zeros(2, dtype=torch.int64, device=device)
     for mask, sid in zip(loss_masks, ids):
-        t, s = _count(mask, sid)
-        tokens, seqs = tokens + t, seqs + s
+        counts += _count(mask, sid)
     world = 1
     if dp_group is not None:
-        device = loss_masks[0].device if len(loss_masks) else torch.device("cpu")
-        counts = torch.tensor([tokens, seqs], dtype=torch.int64, device=device)
         dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=dp_group)
-        tokens, seqs = (int(c) for c in counts.tolist())
         world = dist.get_world_size(dp_group)
+    tokens, seqs = counts.tolist()
     return LossNorm(tokens, seqs, float(world) if grad_reduce == "mean" else 1.0)
 
 

@@ -28,7 +28,8 @@ def _mats(draw, q, g):
 def batches(draw):
     q, g = draw(st.integers(1, 12)), draw(st.integers(2, 8))
     correct, fmt = _mats(draw, q, g)
-    return correct, v1_rewards(correct, fmt), draw(st.sampled_from(["correctness", "reward_std"])), draw(st.integers(0, 2**31))
+    criterion = draw(st.sampled_from(["correctness", "reward_std"]))
+    return correct, v1_rewards(correct, fmt), criterion, draw(st.integers(0, 2**31))
 
 
 def _brute_informative(correct, rewards, criterion):
@@ -51,7 +52,7 @@ def test_dupo_batch_properties(b):
     idx = out.index.tolist()
     assert out.skip_reason is None
     assert len(idx) == len(info)                                  # always full
-    assert all(info[i] for i in idx)                              # no zero-variance group, copies only of informative ones
+    assert all(info[i] for i in idx)                              # no zero-variance group; copies of informative
     originals = [i for i, d in zip(idx, out.duplicate.tolist()) if not d]
     assert originals == [i for i, ok in enumerate(info) if ok]    # every informative group kept once, in order
     counts = Counter(i for i, d in zip(idx, out.duplicate.tolist()) if d)

@@ -48,7 +48,8 @@ class StubServer:
     async def _respond(self, body):
         pred = body["messages"][1]["content"].split("Predicted answer: ")[1].split("\n")[0]
         self.hits[pred] = n = self.hits.get(pred, 0) + 1
-        reply = lambda text: (200, json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}))  # noqa: E731
+        def reply(text):
+            return 200, json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]})
         if pred == "flaky" and n <= 2:
             return 503, "{}"
         if pred == "down":

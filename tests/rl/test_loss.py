@@ -80,6 +80,10 @@ def test_matches_verl_convention(mode, dual_clip):
     g_ref, = torch.autograd.grad(expected, logp)
     torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-15)
     assert int(stats["num_tokens"]) == int(mask.sum())
+    # The per-token losses underneath, in fp32 (the kernel's working precision) and float64.
+    for dtype, tol in [(torch.float64, 1e-12), (torch.float32, 1e-6)]:
+        per_tok, _ = policy_loss(logp.detach().to(dtype), old.to(dtype), adv.to(dtype), mask, dual_clip=dual_clip)
+        torch.testing.assert_close(per_tok.double(), ref_tok.detach() * mask, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("trl_type, mode", [("dapo", "token-mean"), ("grpo", "seq-mean-token-mean"),
@@ -90,6 +94,8 @@ def test_matches_trl_convention(trl_type, mode):
     cfg = cfg_for(mode, eps_low=0.2, eps_high=0.28, log_ratio_clamp=math.inf, kl_coef=0.04, kl_estimator="k3")
     loss, _ = rl_loss(logp, old, adv, mask, global_norm([mask]), cfg, ref_logp=ref)
     per_tok = trl_token_loss(logp, old, adv[:, None], 0.2, 0.28, beta=0.04, ref=ref) * mask
+    kernel_tok, _ = policy_loss(logp, old, adv, mask, ref_logp=ref, kl_coef=0.04, log_ratio_clamp=math.inf)
+    torch.testing.assert_close(kernel_tok, per_tok, rtol=1e-12, atol=1e-14)
     m = mask.double()
     expected = {"dapo": per_tok.sum() / m.sum(),
                 "grpo": ((per_tok.sum(-1) / m.sum(-1)).mean()),

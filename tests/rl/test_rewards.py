@@ -34,7 +34,7 @@ GOOD = f"<think>search first</think>\n{CALL}\n{RESP}\n<think>found it</think>\n<
     ("서울특별시", "서울특별시"),                              # Hangul syllables intact
     ("the", ""), ("...", ""), ("", ""),
     ("$5.3 billion", "53 billion"),
-    ("«Война и мир»", "воина и мир"),                       # Cyrillic: й -> и like any Latin accent
+    ("«Война и мир»", "воина и мир"),                       # Cyrillic: й -> и, like ё -> е
 ])
 def test_normalisation_table(raw, norm):
     assert normalize_answer(raw) == norm
