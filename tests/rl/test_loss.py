@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sailor_engine.kernels.policy_loss import policy_loss
 from sailor_engine.rl.config import AlgoConfig
@@ -269,3 +271,49 @@ def test_bad_input_names_the_field():
     with pytest.raises(ValueError, match="per-sequence advantages"):
         rl_loss(logp.flatten(), old.flatten(), adv.repeat_interleave(logp.shape[1]), mask.flatten(), norm,
                 cfg_for("token-mean", ratio_level="sequence"), seq_ids=torch.arange(6).repeat_interleave(11))
+
+
+@st.composite
+def layouts(draw):
+    b, t = draw(st.integers(1, 7)), draw(st.integers(1, 9))
+    mask = torch.tensor(draw(st.lists(st.lists(st.booleans(), min_size=t, max_size=t), min_size=b, max_size=b)))
+    cuts = sorted(draw(st.sets(st.integers(1, b - 1), max_size=b - 1))) if b > 1 else []
+    sizes = [hi - lo for lo, hi in zip([0] + cuts, cuts + [b])]
+    return mask, sizes, draw(st.sampled_from(AGG_MODES)), draw(st.sampled_from(["token", "sequence"])), draw(
+        st.integers(0, 2**16))
+
+
+@settings(max_examples=60, deadline=None)
+@given(layout=layouts())
+def test_any_split_any_mask_gives_the_full_batch_gradient(layout):
+    mask, sizes, mode, level, seed = layout
+    g = torch.Generator().manual_seed(seed)
+    b, t = mask.shape
+    logp = -torch.rand(b, t, generator=g, dtype=torch.float64) * 2
+    old = logp + 0.3 * torch.randn(b, t, generator=g, dtype=torch.float64)
+    adv = torch.randn(b, generator=g, dtype=torch.float64)
+    cfg = cfg_for(mode, ratio_level=level)
+
+    def grad(parts):
+        leaf = logp.clone().requires_grad_(True)
+        chunks = list(zip(*(x.split(parts) for x in (leaf, old, adv, mask))))
+        norm = global_norm([c[3] for c in chunks])
+        for lp, o, a, m in chunks:
+            rl_loss(lp, o, a, m, norm, cfg)[0].backward()
+        return leaf.grad
+
+    torch.testing.assert_close(grad(sizes), grad([b]), rtol=1e-12, atol=1e-15)
+
+
+def test_gspo_dual_clip_log_ratio_clamp_and_stats():
+    logp = torch.zeros(3, 4, dtype=torch.float64)
+    old = torch.tensor([[-2.0] * 4, [-0.1] * 4, [-50.0] * 4], dtype=torch.float64)  # s = e^2, e^0.1, e^50
+    adv = torch.tensor([-1.0, 1.0, -1.0], dtype=torch.float64)
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    mask[1, 2:] = False
+    per_tok, stats = gspo_loss(logp, old, adv, mask, eps_low=0.2, eps_high=0.28, dual_clip=3.0, log_ratio_clamp=20.0)
+    # A < 0 with s = e^2 > 1 + eps: the unclipped branch -A s = e^2 wins the max, then the dual clip caps it at 3.
+    expected = torch.tensor([[3.0] * 4, [-math.exp(0.1)] * 2 + [0.0] * 2, [3.0] * 4], dtype=torch.float64)
+    torch.testing.assert_close(per_tok, expected, rtol=1e-15, atol=0)
+    assert float(stats["dual_clip_frac"]) == pytest.approx(2 / 3) and float(stats["clip_frac_high"]) == 0.0
+    assert float(stats["ratio_max"]) == pytest.approx(math.exp(20.0)) and int(stats["num_tokens"]) == 10
