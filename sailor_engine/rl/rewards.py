@@ -141,7 +141,7 @@ def _check_tool_call(body: str) -> bool:
             return False
     try:
         call = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested deeper than the parser goes
         return False
     return isinstance(call, dict) and isinstance(call.get("name"), str) and isinstance(call.get("arguments"), dict)
 

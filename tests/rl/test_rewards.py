@@ -90,6 +90,8 @@ def test_extract_answer(text, answer):
     ('<tool_call>{"name": 3, "arguments": {}}</tool_call><tool_response>x</tool_response><answer>1</answer>',
      "bad_tool_call"),
     ('<tool_call>["search"]</tool_call><tool_response>x</tool_response><answer>1</answer>', "bad_tool_call"),
+    ("<tool_call>" + "[" * 100_000 + "</tool_call><tool_response>x</tool_response><answer>1</answer>",
+     "bad_tool_call"),                                                             # degenerate: parser recursion
     ("<answer>a <answer>b</answer></answer>", "nested_tag"),
     ("<think>plan <tool_call>{}</tool_call></think><answer>1</answer>", "nested_tag"),
     ("</think><answer>1</answer>", "stray_tag"),
