@@ -8,7 +8,7 @@ call gets a new process:
     tool.isolation()        # what this host enforces, probed once (see below)
     ToolRunner([tool, ...], per_tool={"python": ToolLimits(retries=0, timeout_s=15)})
 
-What each call does, in order (the bootstrap is `_bootstrap` below, run with `python -I -B -c`):
+What each call does, in order (the bootstrap is `_bootstrap` below, run with `python -I -B -u -c`):
 
 1. A private temp directory (mode 0700) as cwd, HOME and TMPDIR; deleted afterwards. The child's
    environment is rebuilt from scratch, so the trainer's API keys never reach it.
@@ -170,13 +170,15 @@ class PythonTool:
     cacheable = False  # the same code may print something else (time, randomness)
 
     def __init__(self, *, wall_s: float = 10.0, cpu_s: float = 10.0, memory_mb: int = 1024, output_chars: int = 8192,
-                 network: Literal["namespace", "audit"] = "namespace", python: str = sys.executable):
+                 network: Literal["namespace", "audit"] = "namespace", python: str = sys.executable,
+                 tmp_root: str | None = None):
         if network not in ("namespace", "audit"):
             raise ValueError(f"network must be 'namespace' or 'audit', got {network!r}")
         if wall_s <= 0 or cpu_s <= 0 or memory_mb < 16 or output_chars < 1:
             raise ValueError("wall_s, cpu_s must be > 0, memory_mb >= 16, output_chars >= 1")
         self.wall_s, self.cpu_s, self.memory_mb = wall_s, cpu_s, memory_mb
         self.output_chars, self.network, self.python = output_chars, network, python
+        self.tmp_root = tmp_root  # where the per-call directories go (None: the system's temp dir)
         self._isolation: dict[str, str] | None = None
 
     # -- the child process -----------------------------------------------------------------------
@@ -184,43 +186,46 @@ class PythonTool:
     def _argv(self, tmp: str) -> list[str]:
         call = (f"_bootstrap({tmp!r}, {max(1, round(self.cpu_s))}, {self.memory_mb << 20}, {_FILE_SIZE_LIMIT}, "
                 f"{self.network == 'namespace'})")
-        return [self.python, "-I", "-B", "-c", f"{_BOOTSTRAP_SOURCE}\n{call}\n"]
+        # -I: no PYTHON* variables, user site or cwd on sys.path; -B: no .pyc writes; -u: unbuffered,
+        # so output written before a kill is kept and stdout / stderr interleave as written.
+        return [self.python, "-I", "-B", "-u", "-c", f"{_BOOTSTRAP_SOURCE}\n{call}\n"]
 
     @staticmethod
     def _env(tmp: str) -> dict[str, str]:
         return {"PATH": os.defpath, "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
-                "PYTHONIOENCODING": "utf-8", "PYTHONUNBUFFERED": "1",  # output written before a kill is kept
                 "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
     async def __call__(self, args: PythonArgs) -> str:
-        tmp = tempfile.mkdtemp(prefix="sailor-python-")
-        proc = None
+        tmp = tempfile.mkdtemp(prefix="sailor-python-", dir=self.tmp_root)
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *self._argv(tmp), cwd=tmp, env=self._env(tmp), start_new_session=True,
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *self._argv(tmp), cwd=tmp, env=self._env(tmp), start_new_session=True,
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            except OSError as e:
+                raise ToolError(f"cannot start the interpreter {self.python!r}: {e}") from e
             output = _Output(self.output_chars)
             reader = asyncio.ensure_future(output.drain(proc.stdout))
+            wall_killed = False
             try:
                 async with asyncio.timeout(self.wall_s):
                     await _feed(proc.stdin, args.code.encode("utf-8", "surrogatepass"))
                     await asyncio.gather(reader, proc.wait())
-                wall_killed = False
             except TimeoutError:
                 wall_killed = True
             finally:
-                _kill_group(proc.pid)  # the wall limit, a cancellation, or leftovers after a normal exit
-                if not reader.done():
-                    reader.cancel()
-            await proc.wait()
+                # Also on cancellation by the runner, and after a normal exit (leftover children).
+                _kill_group(proc.pid)
+                reader.cancel()
+                await _reap(proc)
             return self._result(proc.returncode, output.text(), wall_killed)
         finally:
-            if proc is not None and proc.returncode is None:  # cancelled before the kill above ran
-                _kill_group(proc.pid)
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def _result(self, rc: int, out: str, wall_killed: bool) -> str:
+    def _result(self, rc: int | None, out: str, wall_killed: bool) -> str:
         before = f" Output before it:\n{out}" if out else ""
+        if rc is None:
+            raise ToolError(f"the process did not exit after SIGKILL.{before}")
         if wall_killed:
             raise ToolError(f"wall time limit ({self.wall_s:g}s) exceeded; process group killed.{before}")
         if rc == _ISOLATION_FAILED and out.startswith("sandbox: cannot isolate"):
@@ -275,6 +280,14 @@ async def _feed(stdin: asyncio.StreamWriter, data: bytes) -> None:
         pass  # the child exited (or was killed) before reading all of its code
 
 
+async def _reap(proc: asyncio.subprocess.Process) -> None:
+    """Wait for a SIGKILLed child, so its directory is not deleted under it (it cannot block: SIGKILL)."""
+    try:
+        await asyncio.wait_for(asyncio.shield(proc.wait()), 5.0)
+    except TimeoutError:
+        pass  # in uninterruptible sleep (e.g. a hung filesystem): leave it to the kernel
+
+
 def _kill_group(pgid: int) -> None:
     try:
         os.killpg(pgid, signal.SIGKILL)
@@ -296,7 +309,7 @@ print(json.dumps({"ifaces": ifaces, "threads": threads}))
 
 
 def _probe(tool: PythonTool) -> dict[str, str]:
-    tmp = tempfile.mkdtemp(prefix="sailor-python-probe-")
+    tmp = tempfile.mkdtemp(prefix="sailor-python-probe-", dir=tool.tmp_root)
     try:
         proc = subprocess.run(tool._argv(tmp), input=_PROBE.encode(), capture_output=True, cwd=tmp,
                               env=tool._env(tmp), timeout=30, start_new_session=True)
