@@ -31,6 +31,10 @@ SYSTEM_PROMPT = (
 )
 
 
+# Answers are short entities; a degenerate prediction is cut so that it cannot blow up the request.
+MAX_PREDICTION_CHARS = 2000
+
+
 class JudgeError(RuntimeError):
     """A judge could not produce a verdict (after its retries)."""
 
@@ -45,7 +49,7 @@ class Judge(Protocol):
 def judge_prompt(question: str, prediction: str, answers: Sequence[str]) -> str:
     aliases = "; ".join(answers[1:]) or "none"
     return (f"Question: {question}\nReference answer: {answers[0]}\nAccepted aliases: {aliases}\n"
-            f"Predicted answer: {prediction}\nIs the predicted answer correct?")
+            f"Predicted answer: {prediction[:MAX_PREDICTION_CHARS]}\nIs the predicted answer correct?")
 
 
 def parse_verdict(reply: str) -> bool:

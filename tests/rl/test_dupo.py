@@ -175,3 +175,13 @@ def test_shape_errors_name_the_field():
         informative_groups(torch.zeros(3, 5), c)
     with pytest.raises(ValueError, match="correct must be a"):
         informative_groups(torch.zeros(3, 4), c.float())
+
+
+def test_v2_skips_only_when_no_group_is_informative():
+    cfg = AlgoConfig(preset="sailor_v2")
+    solved = torch.ones(2, 4, dtype=torch.bool)
+    out = build_batch(solved.double(), solved, torch.zeros_like(solved), cfg, torch.Generator())
+    assert out.skip_reason == "no informative group among 2: 2 all correct, 0 all wrong, 0 other zero-variance"
+    mixed = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]]).bool()
+    out = build_batch(mixed.double(), mixed, torch.zeros_like(mixed), cfg, torch.Generator())
+    assert out.skip_reason is None and out.index.tolist() == [0, 1] and (out.advantages[0] == 0).all()
