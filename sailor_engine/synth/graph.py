@@ -73,6 +73,7 @@ RELATIONS = (
 _RATES = {"born_in": 1.0, "works_for": 0.8, "created": 0.5, "attended": 0.4, "student_of": 0.25,
           "based_in": 1.0, "founded_by": 0.7, "published": 0.6, "held_in": 1.0, "organised_by": 0.7, "set_in": 0.5}
 _EXACTLY_ONE = {"born_in", "based_in", "held_in"}
+_LOCAL = {"works_for": 0.5, "founded_by": 0.5, "attended": 0.5}  # share kept in the subject's home place
 # Attribute schema: type -> (date attr, (lo, hi)), (number attr, (log10 lo, log10 hi)), (category attr, values)
 ATTRIBUTES = {
     "person": (("birth_year", (1900, 2005)), None, ("occupation", ("painter", "engineer", "poet", "physician", "architect", "composer", "chemist", "lawyer"))),
@@ -179,9 +180,29 @@ def synthetic_world(cfg: SynthConfig) -> Graph:
         src.append(s)
         dst.append(objs[rng.choice(len(objs), size=len(s), p=p)])
         pred.append(np.full(len(s), r))
+    _localise(types, src, dst, rng)
     return make_graph([f"e{i}" for i in range(n)], entity_names, aliases, types, TYPES, dates, numbers,
                       categories, category_values, RELATIONS, np.concatenate(src), np.concatenate(pred),
                       np.concatenate(dst))
+
+
+def _localise(types: np.ndarray, src: list[np.ndarray], dst: list[np.ndarray], rng: np.random.Generator) -> None:
+    """Rewire a share of some relations to stay in one place: people work for, found and attend what is
+    in their home town. This closes triangles (person - organisation - place), the short cycles and
+    dense links V2's expansion looks for, which independent random edges almost never form."""
+    home = np.full(len(types), -1, np.int64)  # birthplace / seat / venue: the exactly-one place relations
+    names = [r.name for r in RELATIONS]
+    for r in (names.index(x) for x in sorted(_EXACTLY_ONE)):
+        home[src[r]] = dst[r]
+    for r in (names.index(x) for x in sorted(_LOCAL)):
+        obj_type = TYPES.index(RELATIONS[r].object_type)
+        objs = np.flatnonzero((types == obj_type) & (home >= 0))
+        objs = objs[np.argsort(home[objs], kind="stable")]
+        lo = np.searchsorted(home[objs], home[src[r]], "left")
+        hi = np.searchsorted(home[objs], home[src[r]], "right")
+        move = (rng.random(len(src[r])) < _LOCAL[RELATIONS[r].name]) & (hi > lo) & (home[src[r]] >= 0)
+        pick = lo + (rng.random(len(src[r])) * (hi - lo)).astype(np.int64)
+        dst[r] = np.where(move, objs[np.minimum(pick, len(objs) - 1)], dst[r])
 
 
 def make_graph(ids, entity_names, aliases, types, type_names, dates, numbers, categories, category_values,
