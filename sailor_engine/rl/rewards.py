@@ -37,16 +37,20 @@ from sailor_engine.rl.config import AlgoConfig
 
 _TAG_RE = re.compile("|".join(re.escape(t) for t in AGENT_TAGS))
 _CONTROL_RE = re.compile(r"<\|im_start\|>[a-z]*\n?|<\|im_end\|>|<\|endoftext\|>")
+# Tool responses are environment text (a web page may well contain "<answer>"): never an answer.
+_RESPONSE_RE = re.compile(r"<tool_response>.*?(?:</tool_response>|\Z)", re.S)
 _ARTICLES = frozenset(("a", "an", "the"))
 # Han, kana and CJK compatibility ideographs: scripts written without spaces, one token per character.
 _CJK_RE = re.compile("([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff])")
 
 
 def extract_answer(text: str) -> str | None:
-    """Content of the last complete <answer>...</answer> (innermost if nested), or None.
+    """Content of the policy's last complete <answer>...</answer> (innermost if nested), or None.
 
-    Stray agent tags inside are dropped; an unclosed trailing <answer> (cut off) does not count.
+    Stray agent tags inside are dropped; an unclosed trailing <answer> (cut off) does not count, nor
+    does anything inside a tool response.
     """
+    text = _RESPONSE_RE.sub(" ", text)
     close = text.rfind("</answer>")
     if close < 0:
         return None

@@ -67,6 +67,9 @@ def test_exact_match_and_f1_with_aliases():
     ("<answer>x<think>y</think>z</answer>", "x y z"),
     ("</answer><answer>", None),
     ("<answer>ok</answer><|im_end|>", "ok"),
+    (f"{CALL}\n{RESP}", None),                                          # the page's "answer" is not the policy's
+    (f"{CALL}<tool_response>cut off <answer>x</answer>", None),
+    (f"<answer>mine</answer>{CALL}{RESP}", "mine"),
 ])
 def test_extract_answer(text, answer):
     assert extract_answer(text) == answer
