@@ -105,10 +105,13 @@ def main(argv=None):
     p.add_argument("--kl", action="store_true", help="add ref_logp and a k3 KL term (kl_coef 0.01)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 10 on CPU, 50 on GPU)")
     p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the eager peer")
     p.add_argument("--no-record", action="store_true", help="print only; do not append to benchmarks/results")
     args = p.parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     reps = args.reps or (50 if device.type == "cuda" else 10)
     warmup = args.warmup if args.warmup is not None else (5 if device.type == "cuda" else 2)
 

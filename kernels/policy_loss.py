@@ -10,7 +10,7 @@ Per unmasked token, with r = exp(clamp(logp - old_logp, +-log_ratio_clamp)):
     loss = L + kl_coef KL(logp, ref_logp)                     (KL k1 / k2 / k3, verl's clamps)
 
 Masked tokens (loss_mask == 0) give exactly 0 loss and 0 gradient, whatever their inputs hold
-(inf / NaN included): they are never loaded into the arithmetic. The gradient flows to logp only;
+(inf / NaN included: selected away with where, never multiplied by 0). The gradient flows to logp only;
 old_logp, advantages and ref_logp are constants (they get no gradient even if they require one).
 
 Why fused: the eager formula reads and writes N-sized tensors some twenty times and saves a
@@ -19,6 +19,7 @@ and d loss / d logp (fp32); backward is one multiply by grad_out. Byte model per
 inputs, per-token advantages, bool mask: forward reads 2+2+2+1 (+2 ref) and writes 4+4, backward
 reads 4 (grad_out; 0 when it is an expanded scalar) + 4 + 1 (mask) and writes 2. Recomputing in
 backward instead would read the inputs twice: 24 B/token vs 26 for bf16, but 38 vs 34 for fp32.
+Without grad (no_grad, or logp not requiring it) the forward writes the loss only.
 
 Implementations: `impl="triton"` (CUDA; also CPU tensors under TRITON_INTERPRET=1, which is how
 the tests run it), `impl="torch"` (the same algorithm in PyTorch: the CPU path), `impl="auto"`
@@ -40,6 +41,7 @@ from triton.language.extra import libdevice
 
 _KL_ESTIMATORS = {"k1": 1, "k2": 2, "k3": 3}
 _NUM_PARTIALS = 8  # per-block stat partials: n, n_low, n_high, n_dual, sum_r, max_r, sum_kl, pad
+_CPU_CHUNK = 1 << 14  # tokens per chunk of the PyTorch path: ~20 temporaries x 64 KiB stay in L2
 
 
 @dataclass(frozen=True)
@@ -141,15 +143,18 @@ def _policy_loss_fwd_kernel(
 ):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
-    m = tl.load(mask_ptr + offs, mask=offs < N, other=0) != 0
-    # Masked lanes are never loaded: they compute on zeros, so garbage cannot leak into the
-    # result, and their bytes are not fetched. All math in fp32.
-    logp = tl.load(logp_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    old = tl.load(old_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    inb = offs < N
+    m = tl.load(mask_ptr + offs, mask=inb, other=0) != 0
+    # Masked lanes compute on zeros (where, not multiply), so inf / NaN there cannot leak into the
+    # result. The loads use the bounds mask only: a data-dependent mask would split them into
+    # scalar 2-byte loads, while masked tokens, interleaved with the others, save no sectors.
+    logp = tl.where(m, tl.load(logp_ptr + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
+    old = tl.where(m, tl.load(old_ptr + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
     if ADV_PER_SEQ:
-        a = tl.load(adv_ptr + offs // T, mask=m, other=0.0).to(tl.float32)
+        a = tl.load(adv_ptr + offs // T, mask=inb, other=0.0)
     else:
-        a = tl.load(adv_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        a = tl.load(adv_ptr + offs, mask=inb, other=0.0)
+    a = tl.where(m, a.to(tl.float32), 0.0)
 
     # Ratio; where() rather than min/max so that NaN propagates as in torch.clamp. The clamp's
     # gradient passes on the closed interval, as torch.clamp's does.
@@ -172,7 +177,7 @@ def _policy_loss_fwd_kernel(
 
     kl = tl.zeros_like(loss)
     if HAS_REF:
-        ref = tl.load(ref_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        ref = tl.where(m, tl.load(ref_ptr + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
         if KL_ESTIMATOR == 1:
             kl = logp - ref
             dkl = tl.full(kl.shape, 1.0, tl.float32)
@@ -189,9 +194,9 @@ def _policy_loss_fwd_kernel(
             loss = loss + kl_coef * kl
             grad = grad + kl_coef * dkl
 
-    tl.store(loss_ptr + offs, tl.where(m, loss, 0.0), mask=offs < N)
+    tl.store(loss_ptr + offs, tl.where(m, loss, 0.0), mask=inb)
     if WRITE_GRAD:
-        tl.store(dlogp_ptr + offs, tl.where(m, grad, 0.0), mask=offs < N)
+        tl.store(dlogp_ptr + offs, tl.where(m, grad, 0.0), mask=inb)
 
     one = tl.where(m, 1.0, 0.0)
     part = part_ptr + pid * 8
@@ -258,11 +263,12 @@ def _policy_loss_bwd_kernel(
 ):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
-    m = tl.load(mask_ptr + offs, mask=offs < N, other=0) != 0
+    inb = offs < N
+    m = tl.load(mask_ptr + offs, mask=inb, other=0) != 0
     # where, not multiply: a masked token's gradient is 0 even if grad_out is inf / NaN there.
-    go = tl.load(grad_out_ptr + offs * stride_go, mask=m, other=0.0).to(tl.float32)
-    d = tl.load(dlogp_ptr + offs, mask=m, other=0.0)
-    tl.store(grad_ptr + offs, tl.where(m, go * d, 0.0).to(grad_ptr.dtype.element_ty), mask=offs < N)
+    go = tl.load(grad_out_ptr + offs * stride_go, mask=inb, other=0.0).to(tl.float32)
+    d = tl.load(dlogp_ptr + offs, mask=inb, other=0.0)
+    tl.store(grad_ptr + offs, tl.where(m, go * d, 0.0).to(grad_ptr.dtype.element_ty), mask=inb)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,12 +300,38 @@ def _kl_torch(logp: torch.Tensor, ref: torch.Tensor, estimator: int) -> tuple[to
     return k3.clamp(max=10.0), dkl
 
 
-def _forward_torch(logp, old_logp, adv, mask, ref_logp, cfg: _Config, compute: torch.dtype, write_grad: bool):
-    """logp, old_logp, mask, ref_logp: (R, T); adv: (R, T) or (R, 1). Returns loss (R, T),
-    d loss / d logp (R, T) or None, stats (6,) and count (0-dim int64), like the kernels."""
+def _forward_torch(logp, old_logp, adv, mask, ref_logp, cfg: _Config, compute: torch.dtype, adv_per_seq: int,
+                   write_grad: bool):
+    """Flat (N,) inputs (adv: (N,) or (N // adv_per_seq,)); same returns as _forward_triton.
+
+    Chunks of _CPU_CHUNK tokens, like the kernel's blocks: the temporaries stay in cache and take
+    O(chunk) memory, whatever N; per-chunk stat partials are combined as the kernels do.
+    """
+    n = logp.numel()
+    loss = torch.empty(n, dtype=compute, device=logp.device)
+    grad = torch.empty(n, dtype=compute, device=logp.device) if write_grad else None
+    parts = [torch.zeros(_NUM_PARTIALS - 1, dtype=compute, device=logp.device)]
+    for s in range(0, n, _CPU_CHUNK):
+        e = min(n, s + _CPU_CHUNK)
+        if adv_per_seq:
+            a = adv.index_select(0, torch.arange(s, e, device=adv.device) // adv_per_seq)
+        else:
+            a = adv[s:e]
+        parts.append(_chunk_torch(logp[s:e], old_logp[s:e], a, mask[s:e], None if ref_logp is None else ref_logp[s:e],
+                                  cfg, compute, loss[s:e], None if grad is None else grad[s:e]))
+    part = torch.stack(parts).to(torch.float64)  # counts exact, sums fp64-rounded
+    count = part[:, 0].sum().to(torch.int64)
+    means = part[:, 1:].sum(0) / count.clamp(min=1)
+    stats = torch.cat([means[:4], part[:, 5].amax().view(1), means[5:]]).to(compute)
+    return loss, grad, stats, count
+
+
+def _chunk_torch(logp, old_logp, adv, mask, ref_logp, cfg: _Config, compute: torch.dtype, loss_out, grad_out):
+    """One chunk of the kernel's algorithm, op for op: writes loss_out and grad_out (if given),
+    returns the stat partials (n, n_low, n_high, n_dual, sum_r, max_r, sum_kl)."""
     # Masked tokens are not sanitised first (torch.where is slow on CPU): everything here is
     # elementwise and closed-form (no autograd), and the last where()s drop whatever inf / NaN
-    # they produced. Unmasked tokens get the kernel's arithmetic, op for op.
+    # they produced.
     m = mask != 0
     zero = torch.zeros((), dtype=compute, device=logp.device)
     lp, a = logp.to(compute), adv.to(compute)
@@ -310,30 +342,26 @@ def _forward_torch(logp, old_logp, adv, mask, ref_logp, cfg: _Config, compute: t
     bind_lo = (a < 0) & (r < cfg.lo)
     ratio = torch.where(bind_hi, cfg.hi, torch.where(bind_lo, cfg.lo, r))  # the selected branch's
     frozen = bind_hi | bind_lo | (d.abs() > c)  # zero gradient (a NaN log-ratio stays loud)
-    bind_dual = None
+    bind_dual = torch.zeros_like(m)
     if cfg.dual_clip is not None:
         bind_dual = (a < 0) & (r > cfg.dual_clip)
         ratio = torch.where(bind_dual, cfg.dual_clip, ratio)
         frozen = frozen | bind_dual
     loss = -a * ratio
-    grad = torch.where(frozen, zero, -a * r) if write_grad else None
+    grad = torch.where(frozen, zero, -a * r) if grad_out is not None else None
     kl_sum = zero
     if ref_logp is not None:
         kl, dkl = _kl_torch(lp, ref_logp.to(compute), cfg.kl_estimator)
         if cfg.kl_coef != 0.0:
             loss = loss + cfg.kl_coef * kl
-            grad = grad + cfg.kl_coef * dkl if write_grad else None
+            grad = grad + cfg.kl_coef * dkl if grad is not None else None
         kl_sum = torch.where(m, kl, zero).sum()
-    loss = torch.where(m, loss, zero)
-    grad = torch.where(m, grad, zero) if write_grad else None
-
-    count = m.sum()
-    denom = count.clamp(min=1).to(compute)
+    torch.where(m, loss, zero, out=loss_out)
+    if grad_out is not None:
+        torch.where(m, grad, zero, out=grad_out)
     r_masked = torch.where(m, r, zero)
-    frac = lambda b: zero if b is None else (b & m).sum().to(compute) / denom  # noqa: E731
-    stats = torch.stack([frac(bind_lo), frac(bind_hi), frac(bind_dual), r_masked.sum() / denom,
-                         r_masked.max() if r.numel() else zero, kl_sum / denom])
-    return loss, grad, stats, count
+    counts = torch.stack([torch.count_nonzero(b) for b in (m, bind_lo & m, bind_hi & m, bind_dual & m)]).to(compute)
+    return torch.cat([counts, torch.stack([r_masked.sum(), r_masked.max(), kl_sum])])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,7 +428,7 @@ class _PolicyLoss(torch.autograd.Function):
                                                         write_grad)
         else:
             loss, dlogp, stats, count = _forward_torch(logp, old_logp, adv, mask, ref_logp, cfg, compute,
-                                                       write_grad)
+                                                       adv_per_seq, write_grad)
         ctx.mark_non_differentiable(stats, count)
         ctx.use_triton, ctx.logp_dtype = use_triton, logp.dtype
         if write_grad:
@@ -464,15 +492,9 @@ def policy_loss(
                   kl_coef=float(kl_coef), kl_estimator=_KL_ESTIMATORS[kl_estimator],
                   log_ratio_clamp=float(log_ratio_clamp))
 
-    if use_triton and logp.numel() > 0:
-        flat = lambda t: None if t is None else t.reshape(-1).contiguous()  # noqa: E731
-        args = (flat(logp), flat(old_logp), flat(advantages), flat(loss_mask), flat(ref_logp))
-    else:
-        use_triton = False
-        rows, t = math.prod(logp.shape[:-1]), logp.shape[-1]
-        rt = lambda x: None if x is None else x.reshape(rows, t)  # noqa: E731
-        adv = advantages.reshape(rows, 1) if adv_per_seq else rt(advantages)
-        args = (rt(logp), rt(old_logp), adv, rt(loss_mask), rt(ref_logp))
+    use_triton = use_triton and logp.numel() > 0
+    flat = lambda t: None if t is None else t.reshape(-1).contiguous()  # noqa: E731
+    args = (flat(logp), flat(old_logp), flat(advantages), flat(loss_mask), flat(ref_logp))
     loss, stats, count = _PolicyLoss.apply(*args, cfg, compute, use_triton, adv_per_seq)
     return loss.view(logp.shape), PolicyLossStats(count, *stats.unbind(0))
 

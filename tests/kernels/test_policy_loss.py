@@ -110,6 +110,13 @@ def test_per_sequence_advantages(impl, dtype):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_many_blocks_and_chunks(impl):
+    """21003 tokens: several kernel blocks / PyTorch chunks, sequence boundaries inside them."""
+    inputs = make_inputs((3, 7001), torch.bfloat16, per_seq=True, seed=41)
+    check_vs_float64(inputs, impl, dual_clip=3.0, kl_coef=0.02)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_kl_estimators(impl, estimator, dtype):
@@ -344,3 +351,47 @@ def test_cuda_kernel_matches_float64(dtype):
     inputs = make_inputs((3, 400_001), dtype, seed=37)
     _, _, stats = check_vs_float64(inputs, "triton", dual_clip=3.0, kl_coef=0.05)
     assert int(stats["num_tokens"]) == int(inputs["loss_mask"].sum())
+
+
+_COMPILE_SCRIPT = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+if "nvidia" not in triton.backends.backends:
+    print("SKIP: no NVIDIA backend in this Triton"); sys.exit(0)
+from sailor_engine.kernels import policy_loss as pl
+target = GPUTarget("cuda", 90, 32)
+flags = ["ADV_PER_SEQ", "DUAL_CLIP", "HAS_REF", "KL_IN_LOSS", "WRITE_GRAD"]
+variants = [("bf16", "i1", (1, 1, 1, 1, 1), 3), ("fp32", "fp32", (0, 0, 0, 0, 0), 3),
+            ("fp16", "i32", (0, 1, 1, 0, 1), 1), ("bf16", "i1", (1, 0, 1, 1, 0), 2)]
+for dt, mask, on, kl in variants:
+    const = dict(zip(flags, map(bool, on)), KL_ESTIMATOR=kl, EXACT_EXP=True, BLOCK=4096)
+    sig = {"logp_ptr": "*" + dt, "old_ptr": "*" + dt, "adv_ptr": "*" + dt, "mask_ptr": "*" + mask,
+           "ref_ptr": "*" + dt, "loss_ptr": "*fp32", "dlogp_ptr": "*fp32", "part_ptr": "*fp32", "N": "i32",
+           "T": "i32", "lo": "fp32", "hi": "fp32", "dual_c": "fp32", "max_log_ratio": "fp32", "kl_coef": "fp32"}
+    sig.update({k: "constexpr" for k in const})
+    triton.compile(ASTSource(pl._policy_loss_fwd_kernel, sig, const), target=target, options={"num_warps": 8})
+sig = {"part_ptr": "*fp32", "stats_ptr": "*fp32", "count_ptr": "*i64", "num_blocks": "i32", "BLOCK": "constexpr"}
+triton.compile(ASTSource(pl._policy_loss_stats_kernel, sig, {"BLOCK": 1024}), target=target)
+sig = {"grad_out_ptr": "*fp32", "stride_go": "i32", "dlogp_ptr": "*fp32", "mask_ptr": "*i1", "grad_ptr": "*bf16",
+       "N": "i32", "BLOCK": "constexpr"}
+triton.compile(ASTSource(pl._policy_loss_bwd_kernel, sig, {"BLOCK": 4096}), target=target, options={"num_warps": 8})
+print("OK")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the kernels are compiled and run by the tests")
+def test_kernels_compile_for_hopper():
+    """Compile the kernels for sm_90 with Triton's NVIDIA backend (no GPU needed), without the
+    interpreter, so GPU-only code-generation errors (libdevice, constexpr branches) show in CPU CI."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=300)
+    if out.stdout.startswith("SKIP"):
+        pytest.skip(out.stdout.strip())
+    assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stderr[-3000:]
