@@ -268,6 +268,8 @@ def _check_batch(texts: Sequence[str], answers: Sequence[Sequence[str]]) -> None
 def score_batch(texts: Sequence[str], answers: Sequence[Sequence[str]], cfg: AlgoConfig) -> RewardBatch:
     """Offline scores (no judge) of N trajectories; answers[i] = the answer and aliases of texts[i]."""
     _check_batch(texts, answers)
+    if cfg.judge is not None:  # never drop a configured judge silently: it changes the rewards
+        raise ValueError("algo.judge is set: score with score_batch_async(..., judge=HttpJudge(cfg.judge))")
     return _batch([score(t, a, cfg) for t, a in zip(texts, answers)], dict(judge_calls=0, judge_fallbacks=0))
 
 

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sailor_engine.rl.config import AlgoConfig
+from sailor_engine.rl.config import AlgoConfig, JudgeConfig
 from sailor_engine.rl.rewards import (FORMAT_REASONS, check_format, exact_match, extract_answer, normalize_answer,
                                       score, score_batch, token_f1)
 
@@ -145,6 +145,9 @@ def test_score_batch_tensors_and_stats():
     assert b.stats["format_unclosed_tag"] == 1 and b.stats["no_answer"] == 2 and b.stats["correct"] == 1
     with pytest.raises(ValueError, match="texts .4. and answers .3."):
         score_batch(texts, [["x"]] * 3, V1)
+    with_judge = AlgoConfig(judge=JudgeConfig(base_url="http://127.0.0.1:1/v1", model="m"))
+    with pytest.raises(ValueError, match="algo.judge is set"):
+        score_batch(texts, [["x"]] * 4, with_judge)
 
 
 _pieces = st.sampled_from(["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>",
