@@ -12,7 +12,8 @@ trains on every group but gives incorrect trajectories cut at the length / turn 
     else: train on groups batch.index with batch.advantages, loss mask * batch.seq_keep
 
 Shapes: rewards, correct, truncated: (num_groups, G); batch slots B = num_groups (DUPO) or the
-target (dynamic sampling). `correct` is the answer verdict, `truncated` means the rollout ended at
+target (dynamic sampling). Under data parallelism build the batch from the *global* groups, with
+the same generator state on every rank (or on one rank, then broadcast), and shard the slots. `correct` is the answer verdict, `truncated` means the rollout ended at
 the length or turn limit without a final answer.
 """
 
