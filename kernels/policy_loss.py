@@ -252,6 +252,16 @@ def _policy_loss_stats_kernel(
 
 
 @triton.jit
+def _fp32_to_bf16_rtne(x):
+    """fp32 -> bf16, round to nearest even, as the GPU's cvt.rn does; written out in integer ops
+    because the interpreter's cast truncates instead."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    rounded = tl.where(x != x, 0x7FC0, rounded)  # NaN stays a (quiet) NaN
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def _policy_loss_bwd_kernel(
     grad_out_ptr,  # [N] d objective / d loss (any float dtype; stride 0 for an expanded scalar)
     stride_go,  # grad_out's element stride
@@ -268,7 +278,10 @@ def _policy_loss_bwd_kernel(
     # where, not multiply: a masked token's gradient is 0 even if grad_out is inf / NaN there.
     go = tl.load(grad_out_ptr + offs * stride_go, mask=inb, other=0.0).to(tl.float32)
     d = tl.load(dlogp_ptr + offs, mask=inb, other=0.0)
-    tl.store(grad_ptr + offs, tl.where(m, go * d, 0.0).to(grad_ptr.dtype.element_ty), mask=inb)
+    grad = tl.where(m, go * d, 0.0)
+    if grad_ptr.dtype.element_ty == tl.bfloat16:
+        grad = _fp32_to_bf16_rtne(grad)
+    tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=inb)
 
 
 # ---------------------------------------------------------------------------------------------
