@@ -40,6 +40,11 @@ from sailor_engine.rl.config import AlgoConfig
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
+def _up(x: torch.Tensor) -> torch.Tensor:
+    """At least fp32 for any arithmetic here: a bf16 sum over 10^5 tokens keeps ~3 significant digits."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 @dataclass(frozen=True)
 class LossNorm:
     """Global divisors of one optimizer step (all micro-batches x all DP ranks)."""
@@ -118,7 +123,7 @@ def aggregate(per_token: torch.Tensor, loss_mask: torch.Tensor, norm: LossNorm, 
     """
     if per_token.shape != loss_mask.shape:
         raise ValueError(f"per_token {tuple(per_token.shape)} and loss_mask {tuple(loss_mask.shape)} differ")
-    x = torch.where(loss_mask != 0, per_token, 0.0)
+    x = torch.where(loss_mask != 0, _up(per_token), 0.0)
     # max(.., 1): a step with no loss tokens gives a zero loss (and zero gradient), not NaN.
     seqs = max(norm.num_seqs, 1)
     if mode == "token-mean":
@@ -150,6 +155,7 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3"
     output clamped to +-10 (verl's low-variance KL; exp(20) is finite in fp32, the clamp bounds the
     gradient of a rare token far off the reference).
     """
+    logp, ref_logp = _up(logp), _up(ref_logp)
     if estimator == "k1":
         return logp - ref_logp
     if estimator == "k2":
@@ -169,11 +175,12 @@ def gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, seq_advantages: torch.
     min(L_i, -A_i c)), returned broadcast to every loss token of sequence i. Broadcasting keeps the
     paper's gradient: sum_t dL_i/dlogp_t over the n_i copies equals GSPO-token's, so any aggregation
     mode applies (seq-mean-token-mean reproduces GSPO exactly). logp, old_logp, loss_mask: (B, T) or
-    packed (N,) with seq_ids; seq_advantages: (S,). Default eps are GSPO's (3e-4 / 4e-4).
+    packed (N,) with seq_ids; seq_advantages: (S,). Default eps are GSPO's (3e-4 / 4e-4). Computes
+    in fp32 (float64 for float64 inputs), like the kernel.
     """
     m = loss_mask != 0
     num_seqs = seq_advantages.shape[0]
-    delta = torch.where(m, logp - old_logp, 0.0)
+    delta = torch.where(m, _up(logp) - _up(old_logp), 0.0)
     lengths = _seq_sum(m.to(delta.dtype), seq_ids, num_seqs)
     log_s = (_seq_sum(delta, seq_ids, num_seqs) / lengths.clamp(min=1)).clamp(-log_ratio_clamp, log_ratio_clamp)
     s = torch.exp(log_s)

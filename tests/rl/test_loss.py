@@ -317,3 +317,19 @@ def test_gspo_dual_clip_log_ratio_clamp_and_stats():
     torch.testing.assert_close(per_tok, expected, rtol=1e-15, atol=0)
     assert float(stats["dual_clip_frac"]) == pytest.approx(2 / 3) and float(stats["clip_frac_high"]) == 0.0
     assert float(stats["ratio_max"]) == pytest.approx(math.exp(20.0)) and int(stats["num_tokens"]) == 10
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_bf16_inputs_are_computed_in_fp32(level):
+    """bf16 log-probs (what the model emits) give the float64 result of the same bf16 values to fp32 precision."""
+    logp, old, ref, adv, mask, _ = make_batch(11, b=6, t=300)
+    lo = [x.bfloat16() for x in (logp, old, ref, -logp * 0.5)]
+    cfg = cfg_for("seq-mean-token-mean", ratio_level=level, kl_coef=0.1, entropy_coef=0.01)
+    norm = global_norm([mask])
+    leaf = lo[0].clone().requires_grad_(True)
+    ent = lo[3].clone().requires_grad_(True)
+    got, _ = rl_loss(leaf, lo[1], adv.float(), mask, norm, cfg, ref_logp=lo[2], entropy=ent)
+    exact, _ = rl_loss(*(x.double() for x in lo[:2]), adv, mask, norm, cfg, ref_logp=lo[2].double(),
+                       entropy=lo[3].double().requires_grad_(True))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-7)
