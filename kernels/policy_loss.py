@@ -29,6 +29,7 @@ in float64, while the kernel computes in fp32). The loss is fp32 (float64 for fl
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -453,7 +454,8 @@ class _PolicyLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_stats, _grad_count):
         dlogp, mask = ctx.saved_tensors
         if ctx.use_triton:
-            grad = _backward_triton(grad_loss, dlogp, mask, ctx.logp_dtype)
+            with torch.cuda.device(dlogp.device) if dlogp.is_cuda else contextlib.nullcontext():
+                grad = _backward_triton(grad_loss, dlogp, mask, ctx.logp_dtype)
         else:
             grad = torch.where(mask != 0, grad_loss * dlogp, 0.0).to(ctx.logp_dtype)
         return grad, None, None, None, None, None, None, None, None
@@ -508,7 +510,9 @@ def policy_loss(
     use_triton = use_triton and logp.numel() > 0
     flat = lambda t: None if t is None else t.reshape(-1).contiguous()  # noqa: E731
     args = (flat(logp), flat(old_logp), flat(advantages), flat(loss_mask), flat(ref_logp))
-    loss, stats, count = _PolicyLoss.apply(*args, cfg, compute, use_triton, adv_per_seq)
+    # Triton launches on the current CUDA device: make it logp's.
+    with torch.cuda.device(logp.device) if logp.is_cuda else contextlib.nullcontext():
+        loss, stats, count = _PolicyLoss.apply(*args, cfg, compute, use_triton, adv_per_seq)
     return loss.view(logp.shape), PolicyLossStats(count, *stats.unbind(0))
 
 
