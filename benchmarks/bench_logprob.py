@@ -1,0 +1,173 @@
+"""Benchmark fused_linear_logprob against its peers: forward, backward, full step; time and memory.
+
+    python benchmarks/bench_logprob.py                                   # CPU case: N=4096 H=512 V=32768 fp32
+    python benchmarks/bench_logprob.py --n 16384 --h 4096 --v 151936 --dtype bf16   # GPU case
+
+Implementations, side by side in one process: naive PyTorch (logits -> fp32 log_softmax -> gather),
+torch.compile of it, our chunked PyTorch path (impl="torch"), our Triton kernels (CUDA only) and
+Liger's LigerFusedLinearCrossEntropyLoss (when installed; it computes its grads inside the forward,
+so its "fwd" includes most of the backward's work). Each is checked against the naive log-probs
+before it is timed. TFLOP/s count model FLOPs (2NHV forward, 4NHV backward), not our recompute.
+Peak memory is the extra memory a pass allocates (grads of hidden and weight included).
+Results: printed table + one JSON line appended to benchmarks/results/bench_logprob.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import peak_memory_mb, print_table, record, time_fn  # noqa: E402
+
+from sailor_engine.kernels.logprob import fused_linear_logprob  # noqa: E402
+from sailor_engine.kernels.reference import naive_linear_logprob  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _peak_mb(fn, device) -> float:
+    """Peak extra memory of fn() in MiB: common.peak_memory_mb on CUDA, a corrected profiler walk on CPU.
+
+    common.py sums each event's cpu_memory_usage, which includes its children, so nested calls
+    (linear -> matmul -> mm) count one tensor several times. Here each event contributes its *self*
+    bytes: allocations at its start, and a net free (tensors released in Python inside an op,
+    e.g. an autograd.Function) at its end, which can only overstate the peak. Drop this once
+    common.py is fixed.
+    """
+    if torch.device(device).type == "cuda":
+        return peak_memory_mb(fn, device)
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    steps = sorted((e.time_range.start if e.self_cpu_memory_usage > 0 else e.time_range.end, e.self_cpu_memory_usage)
+                   for e in prof.events() if e.self_cpu_memory_usage != 0)
+    cur = peak = 0
+    for _, nbytes in steps:
+        cur += nbytes
+        peak = max(peak, cur)
+    return peak / 2**20
+
+
+def _liger():
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        return None
+    loss = LigerFusedLinearCrossEntropyLoss(reduction="sum")
+    # -sum(logp): the same full-step gradient as backpropagating g = -1 through the log-probs
+    return lambda h, w, t: -loss(w, h, t)
+
+
+def implementations(device: torch.device, compile_naive: bool) -> dict:
+    impls = {"naive": lambda h, w, t: naive_linear_logprob(h, w, t)}
+    if compile_naive:
+        impls["torch.compile(naive)"] = torch.compile(naive_linear_logprob, dynamic=False)
+    impls["ours: chunked torch"] = lambda h, w, t: fused_linear_logprob(h, w, t, impl="torch")
+    if device.type == "cuda":
+        impls["ours: triton"] = lambda h, w, t: fused_linear_logprob(h, w, t, impl="triton")
+    liger = _liger()
+    if liger is not None and device.type == "cuda":
+        impls["liger FLCE (sum)"] = liger
+    return impls
+
+
+def bench_one(name, fn, hidden, weight, targets, g, reps, warmup, device):
+    """Rows for the forward, backward and full passes of one implementation."""
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    grad = None if name.startswith("liger") else g  # Liger returns a scalar loss
+    kept = {}
+
+    def forward():
+        return fn(h, w, targets)
+
+    def backward():  # through the graph of one kept forward
+        h.grad = w.grad = None
+        kept["out"].backward(grad, retain_graph=True)
+
+    def full():
+        h.grad = w.grad = None
+        forward().backward(grad)
+
+    n, width = hidden.shape
+    flops = {"fwd": 2 * n * width * weight.shape[0], "bwd": 4 * n * width * weight.shape[0]}
+    flops["full"] = flops["fwd"] + flops["bwd"]
+    rows = []
+    for pass_name, f in (("fwd", forward), ("bwd", backward), ("full", full)):
+        if pass_name == "bwd":
+            if grad is None:  # Liger's backward only rescales grads computed in its forward
+                continue
+            kept["out"] = forward()
+        t = time_fn(f, device, warmup=warmup, reps=reps)
+        kept.clear()
+        mem = None if pass_name == "bwd" else _peak_mb(f, device)
+        rows.append({"impl": name, "pass": pass_name, **t, "tflops": flops[pass_name] / (t["median_ms"] * 1e9),
+                     "peak_mb": mem})
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=4096, help="tokens")
+    p.add_argument("--h", type=int, default=512, help="hidden size")
+    p.add_argument("--v", type=int, default=32768, help="vocab size")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 5 on CPU, 20 on GPU)")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the naive peer")
+    p.add_argument("--no-record", action="store_true", help="print only; do not append to benchmarks/results")
+    args = p.parse_args(argv)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    reps = args.reps or (20 if device.type == "cuda" else 5)
+    warmup = args.warmup if args.warmup is not None else (3 if device.type == "cuda" else 1)
+
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(args.n, args.h, generator=gen).to(device, dtype)
+    weight = (torch.randn(args.v, args.h, generator=gen) / args.h**0.5).to(device, dtype)
+    targets = torch.randint(0, args.v, (args.n,), generator=gen).to(device)
+    g = torch.full((args.n,), -1.0, device=device)  # d(-sum logp)/d logp, as in a CE step
+    expect = naive_linear_logprob(hidden, weight, targets)
+
+    rows = []
+    for name, fn in implementations(device, not args.no_compile).items():
+        try:
+            if not name.startswith("liger"):
+                err = (fn(hidden, weight, targets).float() - expect).abs().max().item()
+            else:
+                err = None
+        except Exception as exc:  # a peer that cannot run here is reported, not hidden
+            print(f"{name}: skipped ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
+            continue
+        for r in bench_one(name, fn, hidden, weight, targets, g, reps, warmup, device):
+            r["max_err_vs_naive"] = err
+            rows.append(r)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    base = {(r["pass"]): r for r in rows if r["impl"] == "naive"}
+    for r in rows:
+        b = base.get(r["pass"])
+        if b is not None:
+            r["time_vs_naive"] = r["median_ms"] / b["median_ms"]
+            if r["peak_mb"] is not None and b["peak_mb"]:
+                r["mem_vs_naive"] = r["peak_mb"] / b["peak_mb"]
+    config = {"n": args.n, "h": args.h, "v": args.v, "dtype": args.dtype, "reps": reps, "warmup": warmup,
+              "threads": torch.get_num_threads()}
+    title = f"fused linear log-prob  N={args.n} H={args.h} V={args.v} {args.dtype} on {device}"
+    cols = ["impl", "pass", "median_ms", "p20_ms", "p80_ms", "tflops", "peak_mb", "time_vs_naive", "mem_vs_naive",
+            "max_err_vs_naive"]
+    print_table(title, rows, cols)
+    if not args.no_record:
+        record("bench_logprob", config, rows, device)
+
+
+if __name__ == "__main__":
+    main()
