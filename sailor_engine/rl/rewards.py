@@ -37,11 +37,24 @@ from sailor_engine.rl.config import AlgoConfig
 
 _TAG_RE = re.compile("|".join(re.escape(t) for t in AGENT_TAGS))
 _CONTROL_RE = re.compile(r"<\|im_start\|>[a-z]*\n?|<\|im_end\|>|<\|endoftext\|>")
-# Tool responses are environment text (a web page may well contain "<answer>"): never an answer.
-_RESPONSE_RE = re.compile(r"<tool_response>.*?(?:</tool_response>|\Z)", re.S)
 _ARTICLES = frozenset(("a", "an", "the"))
 # Han, kana and CJK compatibility ideographs: scripts written without spaces, one token per character.
 _CJK_RE = re.compile("([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff])")
+
+
+def _without_responses(text: str) -> str:
+    """The text minus its tool responses (an unclosed one runs to the end): environment text, where a
+    web page may well contain "<answer>". str.find per block: a regex with a lazy .*? is ~10x slower."""
+    out, pos = [], 0
+    while (start := text.find("<tool_response>", pos)) >= 0:
+        out.append(text[pos:start])
+        end = text.find("</tool_response>", start)
+        if end < 0:
+            return " ".join(out)
+        out.append(" ")
+        pos = end + len("</tool_response>")
+    out.append(text[pos:])
+    return "".join(out)
 
 
 def extract_answer(text: str) -> str | None:
@@ -50,7 +63,7 @@ def extract_answer(text: str) -> str | None:
     Stray agent tags inside are dropped; an unclosed trailing <answer> (cut off) does not count, nor
     does anything inside a tool response.
     """
-    text = _RESPONSE_RE.sub(" ", text)
+    text = _without_responses(text)
     close = text.rfind("</answer>")
     if close < 0:
         return None
