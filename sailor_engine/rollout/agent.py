@@ -104,7 +104,6 @@ class AgentLoop:
         self.system = system if system is not None else template.system_text(runner.tools.values())
         params_stop = set(params.stop_token_ids) | set(template.stop_ids)
         self.turn_params = msgspec.structs.replace(params, stop_token_ids=tuple(sorted(params_stop)), seed=None)
-        self.answer_now = template.tok.encode(ANSWER_NOW)
         self.stats = {"decode_s": 0.0, "tool_wait_s": 0.0, "steps": 0}
 
     def run(self, tasks: Sequence[TaskLike], group_size: int = 1) -> list[Trajectory]:
@@ -184,9 +183,9 @@ class AgentLoop:
 
     def _observe(self, ep: _Episode, text: str) -> None:
         """Append an observation (or, at a limit, the instruction to answer now) and resume decoding."""
+        if ep.turns >= self.max_turns:  # inside the tags, so a well-formed answer after it keeps its format reward
+            text, ep.final = f"{text}\n\n{ANSWER_NOW}", True
         seg = self.tpl.observation(text)
-        if ep.turns >= self.max_turns:
-            seg, ep.final = seg + self.answer_now, True
         if len(ep.ids) + len(seg) + 1 > self.max_context:  # no room: the instruction replaces the observation
             seg, ep.final = self.tpl.observation(ANSWER_NOW), True
             if len(ep.ids) + len(seg) + 1 > self.max_context:
