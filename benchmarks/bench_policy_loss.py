@@ -16,6 +16,12 @@ loss (4 B) + saved d loss / d logp (4 B); bwd = grad_out (4 B) + d loss / d logp
 grad (logp's dtype); full = fwd + bwd. That is the traffic our two kernels need; "% HBM" divides
 it by the device's peak bandwidth (H100 SXM 3.35 TB/s, H200 4.8 TB/s; PCIe H100 2.0 TB/s).
 Results: printed table + one JSON line appended to benchmarks/results/bench_policy_loss.jsonl.
+
+CPU notes: on a shared machine pass --threads 1 (with 2 intra-op threads, OpenMP barriers of the
+many small ops stall for tens of ms whenever another process holds a core). CPU peak_mb comes
+from common.peak_memory_mb, which adds up the profiler's nested allocation events, so it
+over-counts chains of casts; the process RSS growth of one fwd+bwd at N=4M fp32 with KL is a
+steadier figure (measured: ours 70 MiB, i.e. the outputs; eager 422 MiB).
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import numbers
 import os
 from dataclasses import dataclass
 
@@ -530,6 +531,11 @@ def _check_inputs(logp, old_logp, advantages, loss_mask, ref_logp, eps_low, eps_
                             f"tensor, got {t.dtype}")
         if t.device != logp.device:
             raise ValueError(f"policy_loss: {name} is on {t.device} but logp is on {logp.device}")
+    scalars = {"eps_low": eps_low, "eps_high": eps_high, "dual_clip": dual_clip, "kl_coef": kl_coef,
+               "log_ratio_clamp": log_ratio_clamp}
+    for name, v in scalars.items():
+        if not (isinstance(v, numbers.Real) and not isinstance(v, bool) or v is None and name == "dual_clip"):
+            raise TypeError(f"policy_loss: {name} must be a Python number, got {type(v).__name__}")
     if logp.dim() == 0:
         raise ValueError("policy_loss: logp must have at least one dim (tokens), got a 0-dim tensor")
     shape = tuple(logp.shape)

@@ -330,6 +330,8 @@ def _bad(**over):
     ({"advantages": torch.zeros(2, 5, dtype=torch.int32)}, "advantages must be a floating-point"),
     ({"old_logp": [0.0] * 10}, "old_logp must be a torch.Tensor"),
     ({"eps_low": -0.1}, "eps_low"),
+    ({"eps_low": torch.tensor(0.2)}, "eps_low must be a Python number"),
+    ({"kl_coef": True}, "kl_coef must be a Python number"),
     ({"eps_high": -0.01}, "eps_high"),
     ({"eps_high": math.nan}, "eps_high"),
     ({"dual_clip": 1.0}, "dual_clip"),
