@@ -17,6 +17,7 @@ summation order differs from the tensor-core path).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -168,10 +169,19 @@ def _logprob_bwd_kernel(
 
 
 def _dot_flags(dtype: torch.dtype) -> tuple[bool, str]:
-    # fp32 operands follow torch's TF32 switch for matmuls (off by default), so fp32 results
-    # match torch's own fp32 GEMMs; bf16/fp16 go straight to the tensor cores.
-    tf32 = torch.backends.cuda.matmul.allow_tf32 and not _interpreting()
-    return (dtype == torch.float32 or _interpreting()), ("tf32" if tf32 else "ieee")
+    """(DOT_FP32, INPUT_PRECISION) for operands of this dtype."""
+    if _interpreting():
+        return True, "ieee"
+    if dtype == torch.float32:
+        # fp32 operands follow torch's TF32 switch for matmuls (off by default), so fp32 results
+        # match torch's own fp32 GEMMs
+        return True, "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return False, "tf32"  # bf16 / fp16 go straight to the tensor cores; the flag concerns fp32 only
+
+
+def _on(device: torch.device):
+    # Triton launches on the current CUDA device, which need not be the tensors' device.
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _num_splits(n: int, v: int, device: torch.device) -> int:
@@ -195,11 +205,12 @@ def fwd_stats(hidden, weight, bias, tgt, inv_t: float, want_entropy: bool) -> to
     stats = torch.empty(splits, 4, n, dtype=torch.float32, device=hidden.device)
     dot_fp32, precision = _dot_flags(hidden.dtype)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
-    _logprob_fwd_kernel[grid](
-        hidden, weight, bias if bias is not None else hidden, tgt, stats,
-        n, v, h, hidden.stride(0), weight.stride(0), inv_t,
-        HAS_BIAS=bias is not None, WANT_ENTROPY=want_entropy, DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
-    )
+    with _on(hidden.device):
+        _logprob_fwd_kernel[grid](
+            hidden, weight, bias if bias is not None else hidden, tgt, stats,
+            n, v, h, hidden.stride(0), weight.stride(0), inv_t,
+            HAS_BIAS=bias is not None, WANT_ENTROPY=want_entropy, DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
+        )
     return stats
 
 
@@ -212,9 +223,10 @@ def bwd_dlogits(hidden, weight, bias, tgt, lse, g, inv_t: float, out: torch.Tens
     v = weight.shape[0]
     dot_fp32, precision = _dot_flags(hidden.dtype)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(v, meta["BLOCK_V"]))  # noqa: E731
-    _logprob_bwd_kernel[grid](
-        hidden, weight, bias if bias is not None else hidden, tgt, lse, g, out,
-        n, v, h, hidden.stride(0), weight.stride(0), out.stride(0), inv_t,
-        HAS_BIAS=bias is not None, DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
-    )
+    with _on(hidden.device):
+        _logprob_bwd_kernel[grid](
+            hidden, weight, bias if bias is not None else hidden, tgt, lse, g, out,
+            n, v, h, hidden.stride(0), weight.stride(0), out.stride(0), inv_t,
+            HAS_BIAS=bias is not None, DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
+        )
     return out

@@ -97,7 +97,7 @@ def fused_linear_logprob(
     t1 = targets.reshape(-1).to(torch.int64)
     world = dist.get_world_size(tp_group) if tp_group is not None else 1
     _check_targets(t1, ignore_index, weight.shape[0] * world)
-    use_triton = _use_triton(impl, h2)
+    use_triton = _use_triton(impl, h2) and h2.shape[0] > 0  # no empty grids: N = 0 is trivially exact in torch
     out = _LinearLogprob.apply(
         h2, weight.contiguous(), None if bias is None else bias.contiguous(), t1,
         1.0 / float(temperature), int(ignore_index), bool(return_entropy), tp_group, use_triton,
@@ -142,8 +142,12 @@ class _LinearLogprob(torch.autograd.Function):
         if grad_logp is None or not (need_h or need_w or need_b):
             return (None,) * 9
         g = torch.where(valid, grad_logp.to(lse.dtype), 0).contiguous()
-        run = _triton_backward if ctx.use_triton else _torch_backward
-        dh, dw, db = run(hidden, weight, bias, tgt, lse, g, ctx.inv_t, need_h, need_w, need_b)
+        if hidden.shape[0] == 0:  # no tokens: zero grads (the chunk loops below would write nothing)
+            dh, dw, db = (torch.zeros_like(x) if need and x is not None else None
+                          for x, need in ((hidden, need_h), (weight, need_w), (bias, need_b)))
+        else:
+            run = _triton_backward if ctx.use_triton else _torch_backward
+            dh, dw, db = run(hidden, weight, bias, tgt, lse, g, ctx.inv_t, need_h, need_w, need_b)
         if dh is not None and ctx.tp_group is not None:
             # every rank holds the same hidden; its gradient is the sum of the shards' parts
             dh = dh.to(lse.dtype)

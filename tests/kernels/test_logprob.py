@@ -165,6 +165,14 @@ def test_logprob_never_positive_on_peaked_rows(impl, dtype):
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_no_tokens(impl):
+    hidden, weight, bias, targets, g = _problem(3, 8, 20)
+    out = _run(fused_linear_logprob, hidden[:0], weight, bias, targets[:0], g[:0], torch.float32, impl=impl)
+    assert out[0].shape == out[1].shape == (0,) and out[2].shape == (0, 8)
+    assert torch.equal(out[3], torch.zeros_like(out[3])) and torch.equal(out[4], torch.zeros_like(out[4]))
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_huge_logits_are_stable(impl):
     hidden, weight, bias, targets, g = _problem(7, 16, 200, scale=3e3)
     out = _run(fused_linear_logprob, hidden, weight, bias, targets, g, torch.float32, impl=impl)
@@ -235,3 +243,17 @@ def test_triton_rejects_float64():
     with pytest.raises(ValueError, match="impl='triton' supports"):
         fused_linear_logprob(torch.zeros(2, 4, dtype=torch.float64), torch.zeros(3, 4, dtype=torch.float64),
                              torch.zeros(2, dtype=torch.long), impl="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, atol, rtol", TOLERANCES)
+def test_triton_on_cuda_matches_reference(dtype, atol, rtol):
+    """Real GPU: autotuned configs, tensor-core dots, several vocab splits, V > 64k."""
+    hidden, weight, bias, targets, g = (None if x is None else x.cuda() for x in _problem(1151, 256, 65537,
+                                                                                      ignore_rows=(7,)))
+    kw = dict(temperature=0.7)
+    truth = _run(linear_logprob_reference, hidden, weight, bias, targets, g, torch.float64, **kw)
+    ref = _run(linear_logprob_reference, hidden, weight, bias, targets, g, dtype, **kw)
+    ours = _run(fused_linear_logprob, hidden, weight, bias, targets, g, dtype, impl="triton", **kw)
+    _assert_close(ours, ref, truth, atol, rtol)
+    assert ours[0].max().item() <= 0.0
