@@ -13,6 +13,54 @@ import torch
 # ---------------------------------------------------------------------------------------------
 
 
+def linear_logprob_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """log p(targets) under softmax((hidden @ weight.T + bias) / T), written straight from the formula.
+
+    hidden: (N, H), weight: (V, H), bias: (V,), targets: (N,) -> logp (N,) [, entropy (N,)].
+    Materialises (N, V) logits and computes in the input dtype (float64 for ground truth; bf16 in,
+    bf16 logits: the same-dtype baseline). Rows with targets == ignore_index give logp 0, entropy 0.
+    Differentiable through autograd.
+    """
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    logprobs = torch.log_softmax(logits / temperature, dim=-1)
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, 0).long()
+    logp = torch.where(valid, logprobs.gather(-1, safe[..., None]).squeeze(-1), 0.0)
+    if not return_entropy:
+        return logp
+    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    return logp, torch.where(valid, entropy, 0.0).detach()
+
+
+def naive_linear_logprob(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """The usual trainer code, the benchmarks' naive peer: logits -> fp32 -> log_softmax -> gather.
+
+    hidden: (N, H), weight: (V, H), targets: (N,) in [0, V) -> logp (N,) fp32. Holds (N, V) logits.
+    """
+    logits = torch.nn.functional.linear(hidden, weight, bias).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+
+
 # ---------------------------------------------------------------------------------------------
 # policy loss
 # ---------------------------------------------------------------------------------------------
