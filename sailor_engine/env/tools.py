@@ -49,8 +49,12 @@ class VisitArgs(msgspec.Struct, forbid_unknown_fields=True):
     goal: Annotated[str, msgspec.Meta(description="What to look for on the pages.")]
 
 
+# Function words carry no evidence: "Nigar is the birthplace of" must match on "birthplace".
+_STOP = frozenset("a an and as at be by for from has have in is it its of on or that the to was were which who with".split())
+
+
 def _words(text: str) -> list[str]:
-    return re.findall(r"\w\w+", text.lower())
+    return [w for w in re.findall(r"\w\w+", text.lower()) if w not in _STOP]
 
 
 class OfflineWeb:
@@ -145,8 +149,9 @@ class OfflineWeb:
                 continue
             page = self.pages[i]
             ev, summary = self.evidence(page, goal)
-            blocks.append(f"Page: {page.title}\n{url}\nEvidence:\n" + "\n".join(ev)
-                          + f"\nSummary: {summary}")
+            # The summary is the single best line; with one line of evidence it would only repeat it.
+            tail = f"\nSummary: {summary}" if len(ev) > 1 else ""
+            blocks.append(f"Page: {page.title}\n{url}\nEvidence:\n" + "\n".join(ev) + tail)
         return SEPARATOR.join(blocks)
 
 

@@ -48,7 +48,7 @@ class SynthConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # Offline web.
     distractor_pages: Annotated[float, Meta(ge=0, description="Distractor pages per entity (near-miss names, no facts of the graph).")] = 0.1
     search_top_k: Annotated[int, Meta(ge=1, description="Results per query returned by the search tool.")] = 5
-    snippet_chars: Annotated[int, Meta(ge=16, description="Characters of page text in a search result snippet.")] = 120
+    snippet_chars: Annotated[int, Meta(ge=16, description="Characters of page text in a search result snippet.")] = 80
     # Tokenizer.
     vocab_size: Annotated[int, Meta(ge=300, description="BPE vocabulary size (special tokens and 256 byte tokens included); an upper bound under max_token_chars.")] = 4096
     max_token_chars: Annotated[int, Meta(ge=2, description="Longest BPE token in characters (leading-space marker included): keeps entity names split into sub-word pieces.")] = 5

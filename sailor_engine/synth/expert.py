@@ -25,16 +25,14 @@ import msgspec
 from sailor_engine.env.tools import OfflineWeb, SearchTool, VisitTool, call_tool
 from sailor_engine.synth.constraints import Checker, Node
 from sailor_engine.synth.graph import Graph
-from sailor_engine.synth.phrasing import relation_phrase
+from sailor_engine.synth.phrasing import attr_clause, relation_phrase
 from sailor_engine.synth.questions import Task
 
 SYSTEM_PROMPT = (
-    "You are a web research agent. Answer the question by searching the web and reading pages.\n"
-    "Each turn: think inside <think></think>, then either call one tool inside <tool_call></tool_call> "
-    "as JSON {\"name\": ..., \"arguments\": ...} or give the final answer inside <answer></answer>.\n"
-    "Tools:\n"
-    "- search: {\"query\": [str, ...]} returns title, url and snippet of the best pages per query.\n"
-    "- visit: {\"url\": [str, ...], \"goal\": str} returns the evidence each page holds for the goal."
+    "Answer the question with the tools. Think in <think></think>, then call one tool in "
+    "<tool_call></tool_call> or answer in <answer></answer>.\n"
+    "search: {\"query\": [str]} -> pages with url and snippet.\n"
+    "visit: {\"url\": [str], \"goal\": str} -> evidence on each page for the goal."
 )
 
 
@@ -110,7 +108,7 @@ class Oracle:
         found = await self._call(msgs, f"{why} I will search for {name}.", self.search, {"query": [name]})
         if url not in found.split("\n"):
             return None
-        return await self._call(msgs, f"The page of {name} is {url}. I will read it.", self.visit,
+        return await self._call(msgs, f"I will read the page of {name}.", self.visit,
                                 {"url": [url], "goal": goal})
 
     async def solve(self, task: Task) -> Trajectory | None:
@@ -127,7 +125,7 @@ class Oracle:
                 if not (node.attrs or node.degree or len(node.links) > 1):
                     why += " So it is the answer."
                     break
-                goal = f"{g.names[v]} {' '.join(_clue_words(g, node))}".strip()
+                goal = f"{g.names[v]} {', '.join(_clue_words(g, node))}"
                 obs = await self._reach(msgs, v, goal, f"{why} It may be the answer; I will check the other clues.")
                 if obs is None:
                     return None
@@ -150,9 +148,13 @@ class Oracle:
 
 
 def _clue_words(g: Graph, node: Node) -> list[str]:
-    words = [a.attr.replace("_", " ") for a in node.attrs]
-    words += [r.forward if lk.direction != "in" else r.inverse
-              for lk in node.links for r in g.relations if r.name == lk.predicates[0]]
+    """The answer's own clues, phrased as its page phrases them ("works as a chemist", "employs")."""
+    rels = {r.name: r for r in g.relations}
+    words = [attr_clause(a) for a in node.attrs]
+    words += ["is linked to" if lk.direction == "any" else relation_phrase(rels[lk.predicates[0]], lk.direction)
+              for lk in node.links]
+    if node.degree is not None:
+        words.append(relation_phrase(rels[node.degree.predicate], node.degree.direction))
     return words
 
 

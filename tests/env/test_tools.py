@@ -104,3 +104,15 @@ def test_exact_title_beats_longer_pages():
     assert web.rank(["Casen"]) == [[1, 0]] and web.rank(["casen  BRIHA"])[0][0] == 0
     with pytest.raises(ValueError, match="at least one page"):
         OfflineWeb([])
+
+
+def test_evidence_selection_and_summary():
+    page = Page("wiki://ann", "Ann Lee", "Ann Lee is a person.\nAnn Lee was born in 1950.\nAnn Lee works for Acme.\n"
+                                         "Ann Lee was born in Bay.\nAnn Lee is the author of Sea.")
+    web = OfflineWeb([page])
+    # Function words and the page's own name do not count: "the"/"of"/"is" would match half the page.
+    assert web.visit(["wiki://ann"], "Ann Lee works for") == "Page: Ann Lee\nwiki://ann\nEvidence:\nAnn Lee works for Acme."
+    out = web.visit(["wiki://ann"], "where was Ann Lee born")
+    assert out.split("\n")[3:] == ["Ann Lee was born in 1950.", "Ann Lee was born in Bay.", "Summary: Ann Lee was born in 1950."]
+    # Nothing in common with the goal: the page's opening lines.
+    assert web.visit(["wiki://ann"], "zzz").split("\n")[3:6] == page.text.split("\n")[:3]
