@@ -91,11 +91,12 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device | str) -> floa
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    # Walk the allocation events in time order and track the running total.
-    events = sorted((e for e in prof.events() if e.cpu_memory_usage != 0), key=lambda e: e.time_range.start)
+    # Walk the events in time order and track the running total of allocations minus frees.
+    # Each event's *self* usage: an op's total includes its children's, which would count twice.
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage != 0), key=lambda e: e.time_range.start)
     cur = peak = 0
     for e in events:
-        cur += e.cpu_memory_usage
+        cur += e.self_cpu_memory_usage
         peak = max(peak, cur)
     return peak / 2**20
 
