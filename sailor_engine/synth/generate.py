@@ -2,8 +2,8 @@
 
 Levels follow `cfg.level_mix` exactly (largest-remainder quotas, shuffled). Each seed's expanded
 graph yields a few subgraphs of distinct labelled shapes; a walk whose shape was already used for
-that seed, a target with no valid position for the level, or a question that cannot be made unique
-is skipped and the loop moves on. Everything draws from one seeded generator, in order.
+that seed, a target with no valid position for the level, a question that cannot be made unique, or
+one whose constraints repeat an earlier question's is skipped and the loop moves on. Everything draws from one seeded generator, in order.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Callable
 
+import msgspec
 import numpy as np
 
 from sailor_engine.synth.config import SynthConfig
@@ -57,17 +58,21 @@ def _walk_size(level: int, cfg: SynthConfig, local_nodes: int, rng: np.random.Ge
 def generate_tasks(g: Graph, cfg: SynthConfig, urls: list[str], rng: np.random.Generator,
                    rewrite: Rewrite | None = None, advance: Callable[[int], None] | None = None) -> list[Task]:
     """cfg.num_questions verified-unique tasks (fewer only if the graph runs out of material)."""
-    if cfg.level_mix[1] > 0 and cfg.subgraph_max_nodes < 3:
-        raise ValueError("synth.level_mix asks for level-2 questions, which need synth.subgraph_max_nodes >= 3")
+    if cfg.level_mix[1] > 0 and (cfg.subgraph_max_nodes < 3 or cfg.max_hops < 2):
+        raise ValueError("synth.level_mix asks for level-2 (multi-hop) questions, which need "
+                         "synth.subgraph_max_nodes >= 3 and synth.max_hops >= 2")
     checker, balancer = Checker(g), TargetBalancer(g)
     todo = level_quotas(cfg.level_mix, cfg.num_questions)
     pending = rng.permutation(np.repeat([1, 2, 3], todo)).tolist()
     tasks: list[Task] = []
     attempts, max_attempts = 0, 40 * cfg.num_questions + 1000
     seeds: list[int] = []
+    seen: set[bytes] = set()
     while pending and attempts < max_attempts:
         if not seeds:
             seeds = rare_seeds(g, max(1, len(pending) // QUESTIONS_PER_SEED + 1), rng).tolist()
+            if not seeds:  # no entity has a relation: nothing to ask
+                break
         local = expand(g, seeds.pop(), cfg.expand_new_prob, cfg.expand_edge_budget, rng)
         dedup = Dedup(g)
         for _ in range(QUESTIONS_PER_SEED):
@@ -86,6 +91,10 @@ def generate_tasks(g: Graph, cfg: SynthConfig, urls: list[str], rng: np.random.G
             if built is None:
                 continue
             root, hops, nodes = built
+            key = msgspec.json.encode(root)
+            if key in seen:  # the same constraints again (small worlds): the same question
+                continue
+            seen.add(key)
             noise = []
             if cfg.obfuscation.distractor_noise > 0 and rng.random() < cfg.obfuscation.distractor_noise:
                 other = int(rng.integers(g.num_entities))

@@ -60,6 +60,8 @@ def is_test(seed: int, entity_id: str, fraction: float) -> bool:
 
 def synthesize(cfg: SynthConfig, rewrite: Rewrite | None = None, stage: Stage = _no_progress) -> World:
     """Build the whole world in memory (no files)."""
+    if cfg.graph != "synthetic" and not Path(cfg.graph).is_file():
+        raise ValueError(f"synth.graph: {cfg.graph!r} is neither 'synthetic' nor an existing triples file")
     adv = stage("graph", 1)
     g = synthetic_world(cfg) if cfg.graph == "synthetic" else load_triples(cfg.graph)
     urls = entity_urls(g)
@@ -88,7 +90,7 @@ def summary(world: World) -> dict:
     return {
         "entities": world.graph.num_entities,
         "relations": int(len(world.graph.src)),
-        "tasks": {"train": len(world.train), "test": len(world.test)},
+        "tasks": {"requested": world.cfg.num_questions, "train": len(world.train), "test": len(world.test)},
         "level": dict(sorted(Counter(str(t.level) for t in tasks).items())),
         "hops": dict(sorted(Counter(str(t.hops) for t in tasks).items())),
         "obfuscation": dict(sorted(Counter(o for t in tasks for o in t.obfuscations).items())),
@@ -164,3 +166,6 @@ def run_synth(cfg: SynthConfig, out_dir: Path, rewrite: Rewrite | None = None) -
     for key, value in s.items():
         table.add_row(key, ", ".join(f"{k}: {v}" for k, v in value.items()) if isinstance(value, dict) else str(value))
     console.print(table)
+    if len(world.train) + len(world.test) < cfg.num_questions:
+        console.print(f"[yellow]warning:[/] the graph yielded {len(world.train) + len(world.test)} of "
+                      f"{cfg.num_questions} questions (too small for the requested levels and sizes)")

@@ -4,8 +4,10 @@
 spanning tree of the subgraph rooted at the target, leaves as anchors. Levels:
   1: one hop from a named anchor (the answer is reachable directly);
   2: two or more hops, every anchor named (multi-hop, clear path);
-  3: at least one anchor obfuscated (initial or generic descriptor), relations may be ambiguous:
-     no clear path, the answer comes from intersecting vague constraints.
+  3: at least one anchor obfuscated (initial or generic descriptor): no clear path, the answer
+     comes from intersecting vague constraints.
+From level 2 on, a relation may be made ambiguous ("is linked to": any predicate between the two
+types, either direction).
 Attribute constraints (vague dates, number ranges, categories) are then added, one at a time, until
 exactly one entity of the whole graph satisfies the tree; a question that cannot be made unique is
 dropped. `render` writes the text from the tree; an optional rewrite hook may rephrase it, but the

@@ -50,6 +50,8 @@ def rare_seeds(g: Graph, k: int, rng: np.random.Generator) -> np.ndarray:
     """k distinct seeds among entities with a relation, weighted toward low degree (all if k >= count)."""
     deg = g.degree()
     cand = np.flatnonzero(deg > 0)
+    if len(cand) == 0:
+        return cand
     w = 1.0 / (1.0 + deg[cand]) ** 2
     k = min(k, len(cand))
     return rng.choice(cand, size=k, replace=False, p=w / w.sum())

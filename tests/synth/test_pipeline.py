@@ -202,3 +202,27 @@ def test_tasks_from_a_triples_file(tmp_path):
     assert len(tasks) == 60 and world.experts
     for t in tasks:
         assert bf.solutions(msgspec.to_builtins(t.constraints)) == [t.answer_id]
+
+
+@pytest.mark.parametrize("overrides, words", [
+    ({"graph": "/no/such/triples.jsonl"}, "synth.graph"),
+    ({"max_hops": 1}, "synth.max_hops >= 2"),
+    ({"subgraph_max_nodes": 2}, "synth.subgraph_max_nodes >= 3"),
+])
+def test_bad_settings_fail_before_work(overrides, words):
+    with pytest.raises(ValueError, match=words.replace("(", r"\(")):
+        synthesize(SynthConfig(num_entities=100, num_questions=10, **overrides))
+
+
+@pytest.mark.parametrize("triples", [[], [{"subject": "a", "predicate": "born_in", "object": "b"}]])
+def test_small_graph_reports_a_shortfall(tmp_path, capsys, triples):
+    path = tmp_path / "tiny.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [E_ANN, E_BAY, *triples]) + "\n")
+    run_synth(SynthConfig(graph=str(path), num_questions=50, vocab_size=300, level_mix=(1, 0, 0)), tmp_path / "s")
+    made = json.loads((tmp_path / "s" / "summary.json").read_text())["tasks"]
+    # One relation between two plain entities: exactly two distinct questions (either end the answer).
+    assert made["train"] + made["test"] == 2 * len(triples) and "warning" in capsys.readouterr().out
+
+
+E_ANN = {"id": "a", "type": "person", "name": "Ann Lee"}
+E_BAY = {"id": "b", "type": "place", "name": "Bay"}
