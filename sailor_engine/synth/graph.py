@@ -15,6 +15,7 @@ graph.jsonl, one record per line, entities before relations:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import msgspec
@@ -125,6 +126,19 @@ class Graph:
 
     def degree(self) -> np.ndarray:
         return np.diff(self.nbr_ptr)
+
+    @cached_property
+    def predicate_types(self) -> list[set[tuple[str, str]]]:
+        """Per predicate, the (subject type, object type) pairs it links: the schema's, else the data's."""
+        out = []
+        for k, rel in enumerate(self.relations):
+            if rel.subject_type is not None:
+                out.append({(rel.subject_type, rel.object_type)})
+                continue
+            s, d = self.by_pred[k]
+            pairs = set(zip(self.types[s].tolist(), self.types[d].tolist()))
+            out.append({(self.type_names[x], self.type_names[y]) for x, y in pairs})
+        return out
 
     def type_of(self, i: int) -> str:
         return self.type_names[self.types[i]]

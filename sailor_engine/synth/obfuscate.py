@@ -85,17 +85,9 @@ def generic_descriptor(g: Graph, i: int) -> Attr | None:
 
 
 def semantic_ambiguity(g: Graph, type_a: str, type_b: str) -> list[str]:
-    """Predicates of the schema that can link these two types in either direction (sorted)."""
-    out = set()
-    for k, rel in enumerate(g.relations):
-        s, d = g.by_pred[k]
-        if rel.subject_type is not None:
-            pairs = {(rel.subject_type, rel.object_type)}
-        else:  # loaded graph: the types this predicate actually links
-            pairs = {(g.type_names[x], g.type_names[y]) for x, y in set(zip(g.types[s].tolist(), g.types[d].tolist()))}
-        if (type_a, type_b) in pairs or (type_b, type_a) in pairs:
-            out.add(rel.name)
-    return sorted(out)
+    """Predicates that can link these two types in either direction (sorted)."""
+    want = {(type_a, type_b), (type_b, type_a)}
+    return sorted(rel.name for rel, pairs in zip(g.relations, g.predicate_types) if pairs & want)
 
 
 def structural(g: Graph, i: int, rng: np.random.Generator,

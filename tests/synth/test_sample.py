@@ -161,3 +161,20 @@ def test_orbit_balancing_spreads_targets():
     # Restricting positions: only leaves allowed.
     leaf = bal.pick(subs[0], rng, allowed=lambda v: v != subs[0].nodes[0])
     assert leaf in subs[0].nodes[1:]
+
+
+def test_dedup_on_sampled_walks(world):
+    """The same check on real walks of the world (typed nodes, predicates, cycles from locality)."""
+    g, rng = world, np.random.default_rng(7)
+    subs = []
+    for seed in rare_seeds(g, 30, rng).tolist():
+        local = expand(g, seed, 0.4, 16, rng)
+        subs += [s for k in (2, 3, 4, 5) for _ in range(3) if (s := random_walk(g, local, k, rng)) is not None]
+    dedup = Dedup(g)
+    kept = [s for s in subs if dedup.add(s)]
+    lab = {s: _labelled(g, s) for s in subs}
+    for a, b in itertools.combinations(kept, 2):
+        assert not _nx_iso(lab[a], lab[b])
+    for s in subs:
+        assert any(_nx_iso(lab[s], lab[k]) for k in kept)
+    assert 10 < len(kept) < len(subs)
