@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import peak_memory_mb, print_table, record, time_fn  # noqa: E402
+from common import peak_memory_mb, print_table, quantiles, record, time_fn  # noqa: E402
 
 from sailor_engine.kernels.logprob import fused_linear_logprob  # noqa: E402
 from sailor_engine.kernels.reference import naive_linear_logprob  # noqa: E402
@@ -78,36 +78,53 @@ def implementations(device: torch.device, compile_naive: bool) -> dict:
     return impls
 
 
-def bench_one(name, fn, hidden, weight, targets, g, reps, warmup, device):
-    """Rows for the forward, backward and full passes of one implementation."""
-    h = hidden.detach().clone().requires_grad_()
-    w = weight.detach().clone().requires_grad_()
-    grad = None if name.startswith("liger") else g  # Liger returns a scalar loss
-    kept = {}
+class Passes:
+    """The forward / backward / full step of one implementation on its own copies of the leaves."""
 
-    def forward():
-        return fn(h, w, targets)
+    def __init__(self, fn, hidden, weight, targets, g, scalar: bool):
+        self.fn, self.targets = fn, targets
+        self.h = hidden.detach().clone().requires_grad_()
+        self.w = weight.detach().clone().requires_grad_()
+        self.grad = None if scalar else g  # a scalar loss (Liger) takes no upstream grad
+        self.kept = None
 
-    def backward():  # through the graph of one kept forward
-        h.grad = w.grad = None
-        kept["out"].backward(grad, retain_graph=True)
+    def fwd(self):
+        return self.fn(self.h, self.w, self.targets)
 
-    def full():
-        h.grad = w.grad = None
-        forward().backward(grad)
+    def bwd(self):  # through the graph of one kept forward
+        self.h.grad = self.w.grad = None
+        self.kept.backward(self.grad, retain_graph=True)
 
-    n, width = hidden.shape
-    flops = {"fwd": 2 * n * width * weight.shape[0], "bwd": 4 * n * width * weight.shape[0]}
-    flops["full"] = flops["fwd"] + flops["bwd"]
+    def full(self):
+        self.h.grad = self.w.grad = None
+        self.fwd().backward(self.grad)
+
+    def timed(self, name, device) -> float:
+        if name == "bwd":
+            self.kept = self.fwd()
+        ms = time_fn(getattr(self, name), device, warmup=0, reps=1)["median_ms"]
+        self.kept = self.h.grad = self.w.grad = None
+        return ms
+
+
+def measure(impls: dict, hidden, weight, targets, g, reps, warmup, device) -> list[dict]:
+    """Round-robin over implementations and passes, so load drift on a shared machine hits all alike."""
+    passes = {name: Passes(fn, hidden, weight, targets, g, name.startswith("liger")) for name, fn in impls.items()}
+    # Liger computes its grads inside the forward; its backward only rescales them: not timed alone
+    cases = [(n, p) for n in passes for p in ("fwd", "bwd", "full") if not (p == "bwd" and passes[n].grad is None)]
+    for _ in range(warmup):
+        for name, pass_name in cases:
+            passes[name].timed(pass_name, device)
+    samples = {case: [] for case in cases}
+    for _ in range(reps):
+        for name, pass_name in cases:
+            samples[name, pass_name].append(passes[name].timed(pass_name, device))
+    n, width, v = hidden.shape[0], hidden.shape[1], weight.shape[0]
+    flops = {"fwd": 2 * n * width * v, "bwd": 4 * n * width * v, "full": 6 * n * width * v}
     rows = []
-    for pass_name, f in (("fwd", forward), ("bwd", backward), ("full", full)):
-        if pass_name == "bwd":
-            if grad is None:  # Liger's backward only rescales grads computed in its forward
-                continue
-            kept["out"] = forward()
-        t = time_fn(f, device, warmup=warmup, reps=reps)
-        kept.clear()
-        mem = None if pass_name == "bwd" else _peak_mb(f, device)
+    for name, pass_name in cases:
+        t = quantiles(samples[name, pass_name])
+        mem = None if pass_name == "bwd" else _peak_mb(getattr(passes[name], pass_name), device)
         rows.append({"impl": name, "pass": pass_name, **t, "tflops": flops[pass_name] / (t["median_ms"] * 1e9),
                      "peak_mb": mem})
     return rows
@@ -120,13 +137,13 @@ def main(argv=None):
     p.add_argument("--v", type=int, default=32768, help="vocab size")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 5 on CPU, 20 on GPU)")
-    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--reps", type=int, default=None, help="timed rounds (default 7 on CPU, 20 on GPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 1 on CPU, 3 on GPU)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the naive peer")
     p.add_argument("--no-record", action="store_true", help="print only; do not append to benchmarks/results")
     args = p.parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    reps = args.reps or (20 if device.type == "cuda" else 5)
+    reps = args.reps or (20 if device.type == "cuda" else 7)
     warmup = args.warmup if args.warmup is not None else (3 if device.type == "cuda" else 1)
 
     gen = torch.Generator().manual_seed(0)
@@ -136,31 +153,28 @@ def main(argv=None):
     g = torch.full((args.n,), -1.0, device=device)  # d(-sum logp)/d logp, as in a CE step
     expect = naive_linear_logprob(hidden, weight, targets)
 
-    rows = []
+    impls, errors = {}, {}
     for name, fn in implementations(device, not args.no_compile).items():
-        try:
-            if not name.startswith("liger"):
-                err = (fn(hidden, weight, targets).float() - expect).abs().max().item()
-            else:
-                err = None
-        except Exception as exc:  # a peer that cannot run here is reported, not hidden
+        try:  # a peer that cannot run here is reported, not hidden
+            out = fn(hidden, weight, targets)
+        except Exception as exc:
             print(f"{name}: skipped ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
             continue
-        for r in bench_one(name, fn, hidden, weight, targets, g, reps, warmup, device):
-            r["max_err_vs_naive"] = err
-            rows.append(r)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        impls[name] = fn
+        errors[name] = None if out.dim() == 0 else (out.float() - expect).abs().max().item()
+        del out
+    del expect
+    rows = measure(impls, hidden, weight, targets, g, reps, warmup, device)
 
-    base = {(r["pass"]): r for r in rows if r["impl"] == "naive"}
+    base = {r["pass"]: r for r in rows if r["impl"] == "naive"}
     for r in rows:
-        b = base.get(r["pass"])
-        if b is not None:
-            r["time_vs_naive"] = r["median_ms"] / b["median_ms"]
-            if r["peak_mb"] is not None and b["peak_mb"]:
-                r["mem_vs_naive"] = r["peak_mb"] / b["peak_mb"]
+        r["max_err_vs_naive"] = errors[r["impl"]]
+        b = base[r["pass"]]
+        r["time_vs_naive"] = r["median_ms"] / b["median_ms"]
+        if r["peak_mb"] is not None and b["peak_mb"]:
+            r["mem_vs_naive"] = r["peak_mb"] / b["peak_mb"]
     config = {"n": args.n, "h": args.h, "v": args.v, "dtype": args.dtype, "reps": reps, "warmup": warmup,
-              "threads": torch.get_num_threads()}
+              "threads": torch.get_num_threads(), "timing": "round-robin over implementations and passes"}
     title = f"fused linear log-prob  N={args.n} H={args.h} V={args.v} {args.dtype} on {device}"
     cols = ["impl", "pass", "median_ms", "p20_ms", "p80_ms", "tflops", "peak_mb", "time_vs_naive", "mem_vs_naive",
             "max_err_vs_naive"]
