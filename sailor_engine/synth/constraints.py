@@ -51,7 +51,7 @@ class Node(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     type: str | None = None
     name: str | None = None
     initial: str | None = None
-    descriptor: str | None = None  # category attr rendered as the head noun ("a port"); also in attrs
+    descriptor: str | None = None  # head noun for text only ("a port"); its constraint is the category Attr
     attrs: list[Attr] = []
     links: list[Link] = []
     degree: Degree | None = None

@@ -21,7 +21,7 @@ import numpy as np
 
 from sailor_engine.synth.constraints import Attr, Degree
 from sailor_engine.synth.graph import Graph
-from sailor_engine.synth.phrasing import attr_clause
+from sailor_engine.synth.phrasing import attr_clause, descriptor_noun
 
 _PARTS = (("early", 0, 3), ("mid", 4, 6), ("late", 7, 9))
 _CENTURY_PARTS = (("early", 0, 33), ("mid", 34, 66), ("late", 67, 99))
@@ -79,8 +79,8 @@ def generic_descriptor(g: Graph, i: int) -> Attr | None:
     """The entity's first category attribute, used as its head noun ("a port"); None if it has none."""
     for a, codes in g.categories.items():
         if codes[i] >= 0:
-            return Attr(a, "category", value=g.category_values[a][codes[i]], phrase=g.category_values[a][codes[i]],
-                        obfuscation="generic_descriptor")
+            value = g.category_values[a][codes[i]]
+            return Attr(a, "category", value=value, phrase=descriptor_noun(a, value), obfuscation="generic_descriptor")
     return None
 
 

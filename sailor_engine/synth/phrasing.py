@@ -14,6 +14,11 @@ _NUMBER = {"employees": "has {} employees", "population": "has a population of {
            "attendance": "drew {} visitors"}
 _CATEGORY = {"occupation": "works as {}", "industry": "works in {}", "kind": "is {}", "genre": "is {}"}
 PLURAL = {"person": "people"}
+_HEAD = {"industry": "{} organisation"}  # a category value as a head noun: "a software organisation"
+
+
+def descriptor_noun(attr: str, value: str) -> str:
+    return _HEAD.get(attr, "{}").format(value)
 
 
 def article(word: str) -> str:

@@ -99,7 +99,7 @@ def build_question(g: Graph, checker: Checker, sub: Subgraph, target: int, level
         desc = ob.generic_descriptor(g, v)
         pn, gd = cfg.obfuscation.partial_name, cfg.obfuscation.generic_descriptor
         if desc is not None and rng.random() * (pn + gd) < gd:
-            nodes[v].descriptor, nodes[v].attrs = desc.value, [desc]
+            nodes[v].descriptor, nodes[v].attrs = desc.phrase, [desc]
         else:
             nodes[v].initial = ob.partial_name(g.names[v])
     for u in sub.nodes:
@@ -184,6 +184,11 @@ def _clauses(g: Graph, node: Node, rels: dict[str, Relation]) -> list[str]:
     return out
 
 
+def _and(clauses: list[str]) -> str:
+    """"a", "a and b", "a, b and c"."""
+    return clauses[0] if len(clauses) == 1 else ", ".join(clauses[:-1]) + " and " + clauses[-1]
+
+
 def _noun_phrase(g: Graph, node: Node, rels: dict[str, Relation]) -> str:
     if node.name is not None:
         return node.name
@@ -193,11 +198,11 @@ def _noun_phrase(g: Graph, node: Node, rels: dict[str, Relation]) -> str:
         return article(head)
     pron = "who" if node.type == "person" else "that"
     # "whose ..." is its own relative pronoun: "a person whose name begins with S and founded X".
-    text = f"{article(head)} " + ("" if clauses[0].startswith("whose") else f"{pron} ") + " and ".join(clauses)
+    text = f"{article(head)} " + ("" if clauses[0].startswith("whose") else f"{pron} ") + _and(clauses)
     return f"({text})" if len(clauses) > 1 else text
 
 
 def render(g: Graph, root: Node, noise: list[str]) -> str:
     rels = {r.name: r for r in g.relations}
-    text = f"Which {root.type or 'entity'} {' and '.join(_clauses(g, root, rels))}?"
+    text = f"Which {root.type or 'entity'} {_and(_clauses(g, root, rels))}?"
     return " ".join([text, *noise])
