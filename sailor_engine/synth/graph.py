@@ -102,11 +102,12 @@ class Graph:
     src: np.ndarray  # [m] int32, edges sorted by (src, pred, dst), no duplicates
     pred: np.ndarray  # [m] int16 index into relations
     dst: np.ndarray  # [m] int32
-    # Derived (build_index): undirected CSR for walks, and per-predicate edge lists for checks.
+    # Derived in __post_init__: undirected CSR for walks, per-predicate edge lists for checks.
     nbr_ptr: np.ndarray = field(init=False)  # [n+1]
     nbr: np.ndarray = field(init=False)  # [2m] neighbour of each half-edge
     nbr_edge: np.ndarray = field(init=False)  # [2m] edge index of each half-edge
     by_pred: list[tuple[np.ndarray, np.ndarray]] = field(init=False)  # pred -> (src, dst)
+    index: dict[str, int] = field(init=False)  # entity id -> position
 
     def __post_init__(self) -> None:
         n = len(self.ids)
