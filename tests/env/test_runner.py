@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sailor_engine.env.protocol import FunctionTool, Tool, ToolError, TransientToolError
-from sailor_engine.env.runner import Observation, ToolLimits, ToolRunner
+from sailor_engine.env.runner import Observation, ToolLimits, ToolRunner, _Slots
 
 
 class Query(msgspec.Struct, forbid_unknown_fields=True):
@@ -120,6 +120,23 @@ def test_concurrency_limit_is_respected():
     with ToolRunner([Script("t", behave)], limits=ToolLimits(concurrency=7)) as runner:
         assert all(o.ok for o in runner.map([("t", {"key": i}) for i in range(100)]))
     assert peak == 7
+
+
+def test_slot_handed_to_a_waiter_cancelled_before_it_runs_is_passed_on():
+    async def main():
+        slots = _Slots(1)
+        await slots.__aenter__()
+        first = asyncio.ensure_future(slots.__aenter__())
+        second = asyncio.ensure_future(slots.__aenter__())
+        await asyncio.sleep(0)  # both wait
+        await slots.__aexit__()  # hands the slot to `first`...
+        first.cancel()  # ...which is cancelled before it resumes: the slot must go on to `second`
+        await asyncio.wait_for(second, 1)  # would time out if the slot had been lost
+        assert first.cancelled() and slots.free == 0
+        await slots.__aexit__()
+        assert slots.free == 1 and not slots.waiters
+
+    asyncio.run(main())
 
 
 def test_qps_limit_counts_starts_per_window():
@@ -332,6 +349,18 @@ def test_close_with_calls_in_flight():
     runner.close()  # idempotent
     late = runner.submit("t", {"key": 0}).result(1)
     assert late.error_kind == "closed" and runner.metrics()["closed"]
+
+
+def test_close_with_calls_queued_for_a_slot():
+    tool = Script("t", hang)
+    runner = ToolRunner([tool], limits=ToolLimits(concurrency=2, timeout_s=30))
+    futs = runner.submit_many([("t", {"key": i}) for i in range(50)])
+    time.sleep(0.1)
+    m = runner.metrics()["tools"]["t"]
+    assert (m["in_flight"], m["queued"]) == (2, 48)
+    runner.close()
+    assert [f.result(1).error_kind for f in futs] == ["closed"] * 50
+    assert tool.calls == [0, 1] and tool.cancelled == 2  # queued calls never started
 
 
 def test_close_before_start_and_aclose():
