@@ -91,7 +91,7 @@ def _bootstrap(tmp: str, cpu_s: int, memory_bytes: int, fsize: int, netns: bool)
                 raise OSError(f"interfaces {sorted(ifaces)} still visible in the new namespace")
         except OSError as e:
             sys.stderr.write(f"sandbox: cannot isolate the network: unshare(CLONE_NEWUSER|CLONE_NEWNET): {e}\n")
-            os._exit(71)
+            os._exit(71)  # = _ISOLATION_FAILED (this function runs standalone in the child)
 
     for limit, value in ((resource.RLIMIT_CPU, (cpu_s, cpu_s + 1)), (resource.RLIMIT_AS, (memory_bytes,) * 2),
                          (resource.RLIMIT_FSIZE, (fsize,) * 2), (resource.RLIMIT_CORE, (0, 0)),
@@ -154,7 +154,7 @@ def _bootstrap(tmp: str, cpu_s: int, memory_bytes: int, fsize: int, netns: bool)
         sys.stderr.write("".join(report.format()))
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(72 if isinstance(e, MemoryError) else 1)
+        os._exit(72 if isinstance(e, MemoryError) else 1)  # 72 = _OUT_OF_MEMORY
 
 
 _BOOTSTRAP_SOURCE = "import os, sys\n" + inspect.getsource(_bootstrap)
@@ -205,19 +205,19 @@ class PythonTool:
             except OSError as e:
                 raise ToolError(f"cannot start the interpreter {self.python!r}: {e}") from e
             output = _Output(self.output_chars)
-            reader = asyncio.ensure_future(output.drain(proc.stdout))
+            # Tasks, awaited with asyncio.wait: unlike gather, a timeout does not cancel them.
+            reader, exited = asyncio.ensure_future(output.drain(proc.stdout)), asyncio.ensure_future(proc.wait())
             wall_killed = False
             try:
                 async with asyncio.timeout(self.wall_s):
                     await _feed(proc.stdin, args.code.encode("utf-8", "surrogatepass"))
-                    await asyncio.gather(reader, proc.wait())
+                    await asyncio.wait([reader, exited])
             except TimeoutError:
                 wall_killed = True
             finally:
                 # Also on cancellation by the runner, and after a normal exit (leftover children).
                 _kill_group(proc.pid)
-                reader.cancel()
-                await _reap(proc)
+                await _reap(reader, exited)
             return self._result(proc.returncode, output.text(), wall_killed)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -275,17 +275,22 @@ async def _feed(stdin: asyncio.StreamWriter, data: bytes) -> None:
     try:
         stdin.write(data)
         await stdin.drain()
-        stdin.close()
     except (BrokenPipeError, ConnectionResetError):
         pass  # the child exited (or was killed) before reading all of its code
+    finally:
+        stdin.close()
 
 
-async def _reap(proc: asyncio.subprocess.Process) -> None:
-    """Wait for a SIGKILLed child, so its directory is not deleted under it (it cannot block: SIGKILL)."""
-    try:
-        await asyncio.wait_for(asyncio.shield(proc.wait()), 5.0)
-    except TimeoutError:
-        pass  # in uninterruptible sleep (e.g. a hung filesystem): leave it to the kernel
+async def _reap(reader: asyncio.Future, exited: asyncio.Future) -> None:
+    """Wait for the SIGKILLed group to exit and its pipe to reach EOF.
+
+    Its directory must not be deleted under it, and the transport must see both the exit and the
+    EOF to close itself: one left to the garbage collector is finalised later, on whatever thread,
+    against a loop that may be closed by then.
+    """
+    await asyncio.wait([reader, exited], timeout=5.0)
+    if not reader.done():  # a process in uninterruptible sleep (a hung filesystem): the kernel's now
+        reader.cancel()
 
 
 def _kill_group(pgid: int) -> None:

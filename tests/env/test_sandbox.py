@@ -238,4 +238,3 @@ def test_bad_settings_fail_at_construction():
     with pytest.raises(ValueError, match="memory_mb"):
         PythonTool(memory_mb=1)
 
-
