@@ -3,6 +3,7 @@
     sailor-engine info                      versions, CUDA devices, Triton mode, attention backends
     sailor-engine config [--fields]         the resolved config (or every field: type, default, meaning)
     sailor-engine synth --out DIR           tasks, offline web and tokenizer from a knowledge graph
+    sailor-engine demo                      every stage of the pipeline on the embedded world, on the CPU
 
 Every command that reads a config takes `--config PATH` (.yaml / .yml / .toml / .json) and repeated
 `--set section.field=value`; the fields themselves are declared once, in the config Structs. A bad
@@ -132,6 +133,14 @@ def synth(args: argparse.Namespace) -> None:
     run_synth(cfg.synth, args.out)
 
 
+# --- demo ---------------------------------------------------------------------------------------------
+
+def demo(args: argparse.Namespace) -> None:
+    from sailor_engine.train.preview import demo_config, run_preview  # torch and the whole pipeline
+
+    run_preview(demo_config(args.config, tuple(args.set)), rft_steps=args.rft_steps, rl_tasks=args.tasks)
+
+
 COMMANDS = (
     Command("info", info, "print versions, CUDA devices, the Triton mode and the attention backends"),
     Command("config", show_config, "print the resolved config, or with --fields every field", config=True, args=(
@@ -141,6 +150,11 @@ COMMANDS = (
     Command("synth", synth, "synthesize tasks, the offline web and a tokenizer into DIR", config=True, args=(
         arg("--out", type=Path, required=True, metavar="DIR", help="output directory"),
         arg("--seed", type=int, help="overrides synth.seed"),
+    )),
+    Command("demo", demo, "run every stage of the pipeline on the embedded synthetic world (CPU, minutes)",
+            config=True, args=(
+        arg("--rft-steps", type=int, default=30, help="RFT optimizer steps before the rollouts (default: 30)"),
+        arg("--tasks", type=int, default=8, help="held-out tasks rolled out, algo.group_size episodes each (default: 8)"),
     )),
 )
 
