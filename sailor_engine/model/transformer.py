@@ -14,7 +14,7 @@ The packed and cached modes stop at the final norm and return hidden states: the
 them with `model.output_weight` to the fused log-prob kernel, so no (N, V) logits tensor is ever
 built; `model.logits(hidden)` exists for generation and tests.
 
-Numerics follow transformers exactly (RMSNorm in fp32 then cast back, RoPE tables in fp32 cast to the
+Numerics follow transformers (RMSNorm in fp32 then cast back, RoPE tables in fp32 cast to the
 activation dtype), which is what makes fp32 logits agree to ~1e-6.
 """
 
@@ -37,6 +37,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32:  # one fused op, same arithmetic as below
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # HF's order for low precision: normalise in fp32, round to the input dtype, then scale.
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
