@@ -203,6 +203,20 @@ def test_leading_dims_and_frozen_weight():
     torch.testing.assert_close(h.grad.reshape(12, 16).double(), full[2])
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_strided_inputs_are_used_in_place(impl):
+    """Row-strided views (a slice of a wider matrix) and a transposed copy give the same result."""
+    hidden, weight, bias, targets, g = _problem(10, 24, 77, ignore_rows=(5,))
+    dense = _run(fused_linear_logprob, hidden, weight, bias, targets, g, torch.float32, impl=impl)
+    wide_h = torch.cat([hidden, hidden], 1).float()[:, :24].requires_grad_()  # row stride 48
+    w_t = weight.float().T.contiguous().T.requires_grad_()  # column-major (77, 24)
+    logp = fused_linear_logprob(wide_h, w_t, targets, bias=bias.float(), ignore_index=IGNORE, impl=impl)
+    (logp.double() * g).sum().backward()
+    torch.testing.assert_close(logp.double(), dense[0])
+    torch.testing.assert_close(wide_h.grad.double(), dense[2])
+    torch.testing.assert_close(w_t.grad.double(), dense[3])
+
+
 def test_naive_peer_matches_reference():
     hidden, weight, bias, targets, _ = _problem(6, 16, 40)
     naive = naive_linear_logprob(hidden.bfloat16(), weight.bfloat16(), targets, bias=bias.bfloat16(), temperature=0.7)
