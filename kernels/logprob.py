@@ -11,7 +11,9 @@ entropy (N,) (detached: a metric). Leading dims are allowed: hidden (..., H), ta
 logp and entropy are fp32 for fp16/bf16/fp32 inputs (fp64 for fp64): log-probs feed
 exp(logp - old_logp), where bf16 rounding (~0.4%) would be a visible ratio error. Gradients flow
 to hidden, weight and bias in their own dtype. Rows whose target is `ignore_index` give logp 0,
-entropy 0 and zero gradient.
+entropy 0 and zero gradient, and are dropped before the kernels run (in agent RL most tokens are
+prompt or tool output). Target validation and that compaction cost one host sync (two when some
+rows are ignored); an out-of-range target raises instead of reading a wrong logit.
 
 Numerics. z = (hidden @ weight.T + bias) * (1/T) is accumulated in fp32 (fp64 for fp64 inputs).
 The forward keeps per row the running max m, s = sum exp(z - m), a = sum exp(z - m) * (z - m) and
@@ -104,26 +106,36 @@ def fused_linear_logprob(
     h2 = _rows(hidden.reshape(-1, hidden.shape[-1]))
     t1 = targets.reshape(-1).to(torch.int64)
     world = dist.get_world_size(tp_group) if tp_group is not None else 1
-    _check_targets(t1, ignore_index, weight.shape[0] * world)
+    valid = t1 != ignore_index
+    n_valid = _count_valid(t1, valid, ignore_index, weight.shape[0] * world)
+    keep = None
+    if n_valid < t1.numel():
+        # Ignored rows (prompt and tool-response tokens: often most of an agent trajectory) cost
+        # nothing: the kernels see the kept rows only. index_select's backward gives the ignored
+        # rows of hidden exactly zero gradient. Targets are replicated, so all TP ranks agree.
+        keep = valid.nonzero().squeeze(1)
+        h2, t1 = h2.index_select(0, keep), t1[keep]
     use_triton = _use_triton(impl, h2) and h2.shape[0] > 0  # no empty grids: N = 0 is trivially exact in torch
     out = _LinearLogprob.apply(
         h2, _rows(weight), None if bias is None else bias.contiguous(), t1,
-        1.0 / float(temperature), int(ignore_index), bool(return_entropy), tp_group, use_triton,
+        1.0 / float(temperature), bool(return_entropy), tp_group, use_triton,
     )
-    if return_entropy:
-        return out[0].reshape(lead), out[1].reshape(lead)
-    return out.reshape(lead)
+    outs = out if return_entropy else (out,)
+    if keep is not None:  # ignored rows: logp 0, entropy 0
+        outs = tuple(o.new_zeros(valid.shape).index_copy(0, keep, o) for o in outs)
+    outs = tuple(o.reshape(lead) for o in outs)
+    return outs if return_entropy else outs[0]
 
 
 class _LinearLogprob(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, inv_t, ignore_index, want_entropy, tp_group, use_triton):
+    def forward(ctx, hidden, weight, bias, targets, inv_t, want_entropy, tp_group, use_triton):
+        # targets: (N,) global vocab indices, all valid (ignored rows were dropped by the caller)
         v_local = weight.shape[0]
         offset = dist.get_rank(tp_group) * v_local if tp_group is not None else 0
-        valid = targets != ignore_index
         local = targets - offset
-        # index within this shard, -1 where the row is ignored or its target lives on another rank
-        tgt = torch.where(valid & (local >= 0) & (local < v_local), local, -1)
+        # index within this shard, -1 where the target lives on another rank
+        tgt = torch.where((local >= 0) & (local < v_local), local, -1)
         if use_triton:
             from . import _logprob_triton as tk
 
@@ -135,8 +147,8 @@ class _LinearLogprob(torch.autograd.Function):
             gathered = [torch.empty_like(stats) for _ in range(dist.get_world_size(tp_group))]
             dist.all_gather(gathered, stats, group=tp_group)
             stats = merge_stats(torch.stack(gathered))
-        lse, logp, ent = finalize_stats(stats, valid)
-        ctx.save_for_backward(hidden, weight, bias, tgt, lse, valid)
+        lse, logp, ent = finalize_stats(stats)
+        ctx.save_for_backward(hidden, weight, bias, tgt, lse)
         ctx.inv_t, ctx.tp_group, ctx.use_triton = inv_t, tp_group, use_triton
         if not want_entropy:
             return logp
@@ -145,11 +157,11 @@ class _LinearLogprob(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, *_):
-        hidden, weight, bias, tgt, lse, valid = ctx.saved_tensors
+        hidden, weight, bias, tgt, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         if grad_logp is None or not (need_h or need_w or need_b):
-            return (None,) * 9
-        g = torch.where(valid, grad_logp.to(lse.dtype), 0).contiguous()
+            return (None,) * 8
+        g = grad_logp.to(lse.dtype).contiguous()
         if hidden.shape[0] == 0:  # no tokens: zero grads (the chunk loops below would write nothing)
             dh, dw, db = (torch.zeros_like(x) if need and x is not None else None
                           for x, need in ((hidden, need_h), (weight, need_w), (bias, need_b)))
@@ -162,7 +174,7 @@ class _LinearLogprob(torch.autograd.Function):
             dist.all_reduce(dh, group=ctx.tp_group)
         dh = None if dh is None else dh.to(hidden.dtype)
         db = None if db is None else db.to(bias.dtype)
-        return dh, dw, db, None, None, None, None, None, None
+        return dh, dw, db, None, None, None, None, None
 
 
 # --- statistics: merge partials, finish --------------------------------------------------------
@@ -180,14 +192,12 @@ def merge_stats(parts: torch.Tensor) -> torch.Tensor:
     return torch.stack([big, (s * w).sum(0), (w * (a + s * shift)).sum(0), zt.sum(0)])
 
 
-def finalize_stats(stats: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(4, N) merged statistics -> lse, logp (clamped <= 0), entropy (clamped >= 0); ignored rows 0."""
+def finalize_stats(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(4, N) merged statistics -> lse, logp (clamped <= 0), entropy (clamped >= 0)."""
     m, s, a, zt = stats.unbind(0)
     log_s = torch.log(s)
     lse = m + log_s
-    logp = torch.where(valid, (zt - lse).clamp(max=0.0), 0.0)
-    ent = torch.where(valid, (log_s - a / s).clamp(min=0.0), 0.0)
-    return lse, logp, ent
+    return lse, (zt - lse).clamp(max=0.0), (log_s - a / s).clamp(min=0.0)
 
 
 # --- chunked PyTorch path ----------------------------------------------------------------------
@@ -370,10 +380,12 @@ def _check(hidden, weight, bias, targets, temperature, impl) -> None:
         raise ValueError(f"{name}: temperature must be a finite number > 0, got {temperature!r}")
 
 
-def _check_targets(targets: torch.Tensor, ignore_index: int, vocab: int) -> None:
-    # One host sync: an out-of-range target would otherwise read another row's logit or nothing.
-    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
-    if bool(bad.any()):
+def _count_valid(targets: torch.Tensor, valid: torch.Tensor, ignore_index: int, vocab: int) -> int:
+    """Number of non-ignored rows; raises on a target outside [0, vocab). One host sync for both."""
+    bad = valid & ((targets < 0) | (targets >= vocab))
+    n_bad, n_valid = torch.stack([bad.sum(), valid.sum()]).tolist()
+    if n_bad:
         first = int(targets[bad][0])
         raise ValueError(f"fused_linear_logprob: targets contain {first}, outside [0, {vocab}) "
                          f"and not ignore_index ({ignore_index})")
+    return n_valid
