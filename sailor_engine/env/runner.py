@@ -73,8 +73,12 @@ class ToolLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError(f"backoff_s, backoff_max_s must be >= 0 and jitter in [0, 1], got {self}")
 
 
-class Observation(msgspec.Struct, frozen=True):
-    """The result of one tool call: what the model sees, and how it came about."""
+class Observation(msgspec.Struct, frozen=True, gc=False):
+    """The result of one tool call: what the model sees, and how it came about.
+
+    Untracked by the garbage collector (gc=False): it holds only strings and numbers, so it can
+    never be part of a cycle, and rollouts keep many of them alive.
+    """
 
     tool: str  # the tool the model asked for (as written, also when unknown)
     text: str  # the tool's output, or "[tool error] <tool>: <what went wrong>"
@@ -292,7 +296,7 @@ class ToolRunner:
         self._available = ", ".join(sorted(names))
         self._backups = backups
         self._cache = _LRU(cache_size) if cache_size > 0 else None
-        self._pending: dict[tuple[str, bytes], asyncio.Future | None] = {}  # identical calls in flight
+        self._pending: dict[bytes, asyncio.Future | None] = {}  # identical calls in flight
         self._rng = random.Random(seed)
         self._threads = threads
         self._loop_factory = loop_factory or default_loop_factory()
@@ -528,7 +532,9 @@ class ToolRunner:
 
         key = None
         if state.cacheable and self._cache is not None:
-            key = (name, msgspec.json.encode(parsed, order="deterministic"))
+            # bytes, not a (name, json) tuple: the garbage collector does not track bytes, and a full
+            # cache of tuples made its passes over the trainer's heap visibly longer.
+            key = name.encode() + b"\0" + msgspec.json.encode(parsed, order="deterministic")
             text = self._cache.get(key)
             if text is not None:
                 stats.cache_hits += 1
