@@ -26,7 +26,7 @@ import triton.language as tl
 
 # Finite stand-in for -inf on masked vocab lanes: exp(SENTINEL - m) underflows to exactly 0 for any
 # real max m, while -inf would give (-inf) - (-inf) = NaN on rows whose tiles are all masked.
-_SENTINEL = -1e30
+_SENTINEL = tl.constexpr(-1e30)
 
 
 def _interpreting() -> bool:
