@@ -109,7 +109,8 @@ def main() -> None:
     gc.unfreeze()
     title = (f"ToolRunner: {args.calls} calls x {args.latency_ms:g} ms at concurrency {args.concurrency} "
              f"(ideal {rows[0]['ideal_ms']:.0f} ms; target <= 1.2x)")
-    print_table(title, rows, ["gc", "loop", "caller", "median_ms", "p20_ms", "p80_ms", "x_ideal", "calls_per_s", "cpu_us_per_call"])
+    columns = ["gc", "loop", "caller", "median_ms", "p20_ms", "p80_ms", "x_ideal", "calls_per_s", "cpu_us_per_call"]
+    print_table(title, rows, columns)
     record("bench_tools", vars(args), rows, "cpu")
 
 

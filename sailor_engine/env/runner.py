@@ -311,7 +311,8 @@ class ToolRunner:
         self._thread: threading.Thread | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._closed = False
-        self._tasks: dict[asyncio.Task, tuple[tuple[Any, int], _ToolState | None]] = {}  # -> (result's destination, tool)
+        # task -> (where its observation goes, its tool's state)
+        self._tasks: dict[asyncio.Task, tuple[tuple[Any, int], _ToolState | None]] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------
 

@@ -67,44 +67,34 @@ class PythonArgs(msgspec.Struct, forbid_unknown_fields=True):
     code: str  # the content of the agent's <code>...</code> block
 
 
-def _bootstrap(tmp: str, cpu_s: int, memory_bytes: int, fsize: int, netns: bool) -> None:
-    """Runs in the child before the user's code (stdlib only; its source is passed with -c)."""
-    import ast
-    import linecache
-    import resource
-    import traceback
+def _unshare_network() -> None:
+    """Move into new user + network namespaces and check that only loopback is left (in the child)."""
+    try:
+        flags = 0x10000000 | 0x40000000  # CLONE_NEWUSER | CLONE_NEWNET
+        if hasattr(os, "unshare"):  # Python >= 3.12
+            os.unshare(flags)
+        else:
+            import ctypes
 
-    if netns:
-        try:
-            flags = 0x10000000 | 0x40000000  # CLONE_NEWUSER | CLONE_NEWNET
-            if hasattr(os, "unshare"):  # Python >= 3.12
-                os.unshare(flags)
-            else:
-                import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.unshare(flags) != 0:
+                raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+        with open("/proc/self/net/dev") as f:
+            ifaces = {line.split(":")[0].strip() for line in f.readlines()[2:]}
+        if ifaces - {"lo"}:
+            raise OSError(f"interfaces {sorted(ifaces)} still visible in the new namespace")
+    except OSError as e:
+        sys.stderr.write(f"sandbox: cannot isolate the network: unshare(CLONE_NEWUSER|CLONE_NEWNET): {e}\n")
+        os._exit(71)  # = _ISOLATION_FAILED (this runs standalone in the child)
 
-                libc = ctypes.CDLL(None, use_errno=True)
-                if libc.unshare(flags) != 0:
-                    raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
-            with open("/proc/self/net/dev") as f:
-                ifaces = {line.split(":")[0].strip() for line in f.readlines()[2:]}
-            if ifaces - {"lo"}:
-                raise OSError(f"interfaces {sorted(ifaces)} still visible in the new namespace")
-        except OSError as e:
-            sys.stderr.write(f"sandbox: cannot isolate the network: unshare(CLONE_NEWUSER|CLONE_NEWNET): {e}\n")
-            os._exit(71)  # = _ISOLATION_FAILED (this function runs standalone in the child)
 
-    for limit, value in ((resource.RLIMIT_CPU, (cpu_s, cpu_s + 1)), (resource.RLIMIT_AS, (memory_bytes,) * 2),
-                         (resource.RLIMIT_FSIZE, (fsize,) * 2), (resource.RLIMIT_CORE, (0, 0)),
-                         (resource.RLIMIT_NPROC, (1, 1))):
-        resource.setrlimit(limit, value)
-
-    code = sys.stdin.read()
-    root = os.path.realpath(tmp)
+def _audit_hook(root: str):
+    """The hook refusing network, processes, ctypes and writes outside root (in the child)."""
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
     path_events = {"os.remove": (0,), "os.rmdir": (0,), "os.mkdir": (0,), "os.rename": (0, 1), "os.link": (0, 1),
                    "os.symlink": (1,), "os.chmod": (0,), "os.chown": (0,), "os.truncate": (0,), "os.utime": (0,),
                    "os.chflags": (0,), "os.setxattr": (0,), "os.removexattr": (0,), "os.mkfifo": (0,),
-                   "os.mknod": (0,), "shutil.rmtree": (0,)}
+                   "os.mknod": (0,), "shutil.rmtree": (0,)}  # event -> which arguments are paths
     denied = ("socket.", "subprocess.", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
               "os.forkpty", "os.kill", "os.killpg", "os.startfile", "ctypes.dlopen", "ctypes.dlsym",
               "ctypes.call_function", "ctypes.cdata")
@@ -113,7 +103,7 @@ def _bootstrap(tmp: str, cpu_s: int, memory_bytes: int, fsize: int, netns: bool)
         if isinstance(path, int):
             return True  # a descriptor the process already holds (its opening was checked)
         try:
-            real = os.path.realpath(os.fsdecode(path))
+            real = os.path.realpath(os.fsdecode(path))  # symlinks resolved: no escape through a link
         except (TypeError, ValueError):
             return False
         return real == root or real.startswith(root + os.sep) or real == os.devnull
@@ -133,7 +123,25 @@ def _bootstrap(tmp: str, cpu_s: int, memory_bytes: int, fsize: int, netns: bool)
             what = "network access" if event.startswith("socket.") else event
             raise PermissionError(f"sandbox: {what} is refused")
 
-    sys.addaudithook(hook)
+    return hook
+
+
+def _bootstrap(tmp: str, cpu_s: int, memory_bytes: int, fsize: int, netns: bool) -> None:
+    """Runs in the child before the user's code (stdlib only; its source is passed with -c)."""
+    import ast
+    import linecache
+    import resource
+    import traceback
+
+    if netns:
+        _unshare_network()
+    for limit, value in ((resource.RLIMIT_CPU, (cpu_s, cpu_s + 1)), (resource.RLIMIT_AS, (memory_bytes,) * 2),
+                         (resource.RLIMIT_FSIZE, (fsize,) * 2), (resource.RLIMIT_CORE, (0, 0)),
+                         (resource.RLIMIT_NPROC, (1, 1))):
+        resource.setrlimit(limit, value)
+    code = sys.stdin.read()
+    sys.addaudithook(_audit_hook(os.path.realpath(tmp)))
+
     sys.argv = ["<code>"]
     linecache.cache["<code>"] = (len(code), None, code.splitlines(True), "<code>")
     namespace = {"__name__": "__main__", "__builtins__": __builtins__}
@@ -141,7 +149,7 @@ def _bootstrap(tmp: str, cpu_s: int, memory_bytes: int, fsize: int, netns: bool)
         tree = ast.parse(code, "<code>")
         last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
         exec(compile(tree, "<code>", "exec"), namespace)
-        if last is not None:
+        if last is not None:  # a trailing expression's value is printed, as in a REPL
             value = eval(compile(ast.Expression(last.value), "<code>", "eval"), namespace)
             if value is not None:
                 print(repr(value))
@@ -157,7 +165,8 @@ def _bootstrap(tmp: str, cpu_s: int, memory_bytes: int, fsize: int, netns: bool)
         os._exit(72 if isinstance(e, MemoryError) else 1)  # 72 = _OUT_OF_MEMORY
 
 
-_BOOTSTRAP_SOURCE = "import os, sys\n" + inspect.getsource(_bootstrap)
+_BOOTSTRAP_SOURCE = "import os, sys\n\n" + "\n\n".join(
+    inspect.getsource(f) for f in (_unshare_network, _audit_hook, _bootstrap))
 
 
 class PythonTool:

@@ -25,7 +25,8 @@ class Stub(BaseHTTPRequestHandler):
         self.server.seen.append((self.path, self.headers.get("authorization"), body))
         n = sum(1 for p, *_ in self.server.seen if p == self.path)
         route = {
-            "/search": lambda: (200, "application/json", {"text": "results for " + ", ".join(json.loads(body)["query"])}),
+            "/search": lambda: (200, "application/json",
+                                {"text": "results for " + ", ".join(json.loads(body)["query"])}),
             "/plain": lambda: (200, "text/plain; charset=utf-8", "plain: " + body.decode()),
             "/list": lambda: (200, "application/json", [{"title": "a"}, {"title": "b"}]),
             "/flaky": lambda: (503, "text/plain", "overloaded") if n <= 2 else (200, "application/json", "recovered"),
@@ -134,7 +135,8 @@ def test_refused_connection_is_transient_and_the_backup_serves(server):
     assert (m["dead"]["retries"], m["dead"]["backup_used"]) == (1, 1)
     with ToolRunner([HttpTool("dead", refused_url(), Query)], limits=ToolLimits(retries=0)) as runner:
         alone = runner.submit("dead", {"query": ["x"]}).result(10)
-    assert alone.error_kind == "transient" and alone.text.startswith("[tool error] dead: connection error (ConnectError")
+    assert alone.error_kind == "transient"
+    assert alone.text.startswith("[tool error] dead: connection error (ConnectError")
 
 
 def test_clients_are_closed_with_the_runner(server):

@@ -305,7 +305,8 @@ def test_async_callers_on_their_own_loop_and_on_the_runners():
 
     async def main():
         one = await runner.call("search", {"query": ["a"]})
-        many = await runner.call_many([("search", {"query": [str(i)]}) for i in range(5)] + [("nested", '{"query": ["x"]}')])
+        calls = [("search", {"query": [str(i)]}) for i in range(5)] + [("nested", '{"query": ["x"]}')]
+        many = await runner.call_many(calls)
         return one, many
 
     try:

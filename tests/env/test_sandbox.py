@@ -207,7 +207,8 @@ def test_writes_outside_the_temp_dir_are_refused(tool, tmp_path):
     assert sorted(p.name for p in outside.iterdir()) == ["keep.txt"] and keep.read_text() == "original"
     assert not Path("/tmp/sandbox-escape").exists()
     # Inside its own directory, files work as usual.
-    assert run(tool, "open('a.txt', 'w').write('kept')\nimport os; os.mkdir('d')\nprint(open('a.txt').read())") == "kept\n"
+    inside = "open('a.txt', 'w').write('kept')\nimport os; os.mkdir('d')\nprint(open('a.txt').read())"
+    assert run(tool, inside) == "kept\n"
 
 
 def test_output_is_truncated_with_a_marker(tmp_path):
