@@ -599,8 +599,7 @@ class ToolRunner:
         for attempt in range(limits.retries + 1):
             if attempt:
                 stats.retries += 1
-                delay = min(limits.backoff_max_s, limits.backoff_s * 2 ** (attempt - 1))
-                await asyncio.sleep(delay * (1.0 - limits.jitter * self._rng.random()))
+                await asyncio.sleep(self._backoff(limits, attempt))
             async with state.sem:
                 if state.bucket is not None:
                     await state.bucket.acquire()
@@ -637,6 +636,11 @@ class ToolRunner:
             if not transient:
                 break
         return None, kind, msg, attempt + 1
+
+    def _backoff(self, limits: ToolLimits, attempt: int) -> float:
+        """Delay before retry `attempt` (1-based): exponential, capped, jittered down by the seeded rng."""
+        delay = min(limits.backoff_max_s, limits.backoff_s * 2 ** (attempt - 1))
+        return delay * (1.0 - limits.jitter * self._rng.random())
 
     # -- metrics ---------------------------------------------------------------------------------
 

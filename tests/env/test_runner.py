@@ -171,6 +171,18 @@ def test_transient_errors_are_retried_then_succeed(exc, kind):
     assert bad.text.startswith("[tool error] u: ") and str(exc) in bad.text
 
 
+def test_backoff_is_exponential_capped_and_seeded():
+    limits = ToolLimits(backoff_s=0.1, backoff_max_s=0.5, jitter=0.5)
+    delays = [[ToolRunner([Search()], seed=seed)._backoff(limits, k) for k in range(1, 7)] for seed in (0, 0, 1)]
+    assert delays[0] == delays[1] and delays[0] != delays[2]  # reproducible per seed
+    for seq in delays:
+        for k, d in enumerate(seq, start=1):
+            full = min(0.5, 0.1 * 2 ** (k - 1))
+            assert full * 0.5 <= d <= full
+    no_jitter = ToolRunner([Search()])._backoff(ToolLimits(backoff_s=0.1, jitter=0.0), 3)
+    assert no_jitter == pytest.approx(0.4)
+
+
 def test_timeouts_are_retried():
     async def first_hangs(key, n):
         if n == 1:
