@@ -7,6 +7,8 @@ floor. The Triton kernels run under TRITON_INTERPRET=1 (tests/conftest.py) on ti
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sailor_engine.kernels import logprob as lp
 from sailor_engine.kernels.logprob import fused_linear_logprob
@@ -120,6 +122,34 @@ def test_gradcheck_float64_torch_path(monkeypatch):
     leaves = [x.requires_grad_() for x in (hidden, weight, bias)]
     fn = lambda h, w, b: fused_linear_logprob(h, w, targets, bias=b, temperature=0.7, impl="torch")  # noqa: E731
     assert torch.autograd.gradcheck(fn, leaves)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 40), h=st.integers(1, 24), v=st.integers(1, 300), tile=st.integers(1, 600),
+       rows=st.integers(1, 50), temperature=st.floats(0.25, 4.0), seed=st.integers(0, 2**16))
+def test_torch_path_float64_any_shape_and_tiling(n, h, v, tile, rows, temperature, seed):
+    """float64 in, float64 math: the chunked path equals the reference to rounding, whatever the tiling."""
+    hidden, weight, bias, targets, g = _problem(n, h, v, seed=seed, ignore_rows=range(0, n, 3)[1:])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lp, "_TORCH_TILE_ELEMS", tile)
+        mp.setattr(lp, "_TORCH_MAX_ROWS", rows)
+        ours = _run(fused_linear_logprob, hidden, weight, bias, targets, g, torch.float64, impl="torch",
+                    temperature=temperature)
+    truth = _run(linear_logprob_reference, hidden, weight, bias, targets, g, torch.float64, temperature=temperature)
+    for o, t in zip(ours, truth):
+        torch.testing.assert_close(o, t, atol=1e-12, rtol=1e-10)
+
+
+@settings(max_examples=12, deadline=None)
+@given(n=st.integers(1, 20), h=st.integers(1, 40), v=st.integers(1, 200), temperature=st.floats(0.5, 2.0),
+       seed=st.integers(0, 2**16))
+def test_triton_any_shape(n, h, v, temperature, seed):
+    """Odd shapes under the interpreter (masked rows, columns and H tails) vs the float64 reference."""
+    problem = _problem(n, h, v, seed=seed)
+    ours = _run(fused_linear_logprob, *problem, torch.float32, impl="triton", temperature=temperature)
+    ref = _run(linear_logprob_reference, *problem, torch.float32, temperature=temperature)
+    truth = _run(linear_logprob_reference, *problem, torch.float64, temperature=temperature)
+    _assert_close(ours, ref, truth, 1e-6, 1e-6)
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
