@@ -6,6 +6,7 @@ hop from the caller's thread) shows up as the ratio to it (target <= 1.2x at 10k
 concurrency 256). Measured for the runner's uvloop loop and for asyncio's default loop, each from
 synchronous code (`map`: one future for the batch; `submit_many`: one future per call, as an agent
 loop that polls episodes uses it) and from async code on the caller's own loop (`await call_many`).
+"bare tasks" is the floor on this machine: one task per call sleeping the latency, nothing else.
 cpu_us_per_call: process CPU time (both threads) per call, the number that stays put when the
 machine is shared and wall times wander.
 
@@ -50,6 +51,42 @@ class Sleepy:
     async def __call__(self, args: Query) -> str:
         await asyncio.sleep(self.latency_s)
         return args.query[0]
+
+
+async def bare_tasks(calls: int, latency_s: float, concurrency: int) -> None:
+    """The floor: one asyncio task per call, at most `concurrency` alive, nothing else."""
+    loop = asyncio.get_running_loop()
+    done, left, started = loop.create_future(), [calls], [0]
+
+    def start() -> None:
+        started[0] += 1
+        loop.create_task(asyncio.sleep(latency_s)).add_done_callback(finish)
+
+    def finish(_) -> None:
+        left[0] -= 1
+        if started[0] < calls:
+            start()
+        elif left[0] == 0:
+            done.set_result(None)
+
+    for _ in range(min(concurrency, calls)):
+        start()
+    await done
+
+
+def bench_floor(loop_name: str, args: argparse.Namespace) -> dict:
+    factory = default_loop_factory() if loop_name == "uvloop" else asyncio.new_event_loop
+    loop = factory()
+    try:
+        run = lambda: loop.run_until_complete(bare_tasks(args.calls, args.latency_ms / 1e3, args.concurrency))  # noqa: E731
+        cpu0 = time.process_time()
+        t = time_fn(run, "cpu", warmup=1, reps=args.reps)
+        cpu_us = (time.process_time() - cpu0) / ((args.reps + 1) * args.calls) * 1e6
+    finally:
+        loop.close()
+    ideal_ms = args.latency_ms * args.calls / args.concurrency
+    return {"loop": loop_name, "caller": "bare tasks", **t, "ideal_ms": ideal_ms, "x_ideal": t["median_ms"] / ideal_ms,
+            "calls_per_s": args.calls / (t["median_ms"] / 1e3), "cpu_us_per_call": cpu_us}
 
 
 def bench(loop_name: str, caller: str, args: argparse.Namespace) -> dict:
@@ -104,8 +141,9 @@ def main() -> None:
     for heap in ("live", "frozen"):
         if heap == "frozen":
             gc.freeze()  # what a trainer does once its model is built: full GC passes skip that heap
-        rows += [{"gc": heap, **bench(loop, caller, args)}
-                 for loop in ("uvloop", "asyncio") for caller in ("map", "submit_many", "async")]
+        for loop in ("uvloop", "asyncio"):
+            rows.append({"gc": heap, **bench_floor(loop, args)})
+            rows += [{"gc": heap, **bench(loop, caller, args)} for caller in ("map", "submit_many", "async")]
     gc.unfreeze()
     title = (f"ToolRunner: {args.calls} calls x {args.latency_ms:g} ms at concurrency {args.concurrency} "
              f"(ideal {rows[0]['ideal_ms']:.0f} ms; target <= 1.2x)")
