@@ -11,7 +11,9 @@ call gets a new process:
 What each call does, in order (the bootstrap is `_bootstrap` below, run with `python -I -B -u -c`):
 
 1. A private temp directory (mode 0700) as cwd, HOME and TMPDIR; deleted afterwards. The child's
-   environment is rebuilt from scratch, so the trainer's API keys never reach it.
+   environment is rebuilt from scratch, so the trainer's API keys never reach it. With `uid=`
+   (a trainer running as root, e.g. 65534 = nobody) the child drops to that user and group first;
+   the interpreter and its packages must then be readable by it (a venv under /root is not).
 2. Its own session (`start_new_session`): on the wall limit, on cancellation by the runner, and
    after every normal exit, the whole process group is SIGKILLed.
 3. No network. `network="namespace"` (the default): the child moves into new user + network
@@ -32,12 +34,13 @@ What each call does, in order (the bootstrap is `_bootstrap` below, run with `py
    the user's lines; a trailing expression's value is printed as in a REPL.
 
 What it does not guarantee: the audit hook is a guard-rail against mistakes, not a security
-boundary. C extensions, or a determined program, can bypass it (e.g. `_posixsubprocess`, or
-writing through a file descriptor opened with dir_fd). The kernel-enforced parts are the network
-namespace, the rlimits and the process-group kill; reads are not restricted (the code can read any
-file its user can), and when the trainer runs as root, writes outside the temp directory are
-stopped by the audit hook alone. `isolation()` reports which parts are active on this host; the
-tests check each of them.
+boundary. C extensions, or a determined program, can bypass it (e.g. `_posixsubprocess`, or a
+write through `os.open(name, ..., dir_fd=...)`, whose path the hook cannot resolve; a test shows
+it). The kernel-enforced parts are the network namespace, the rlimits, the process-group kill and,
+with `uid=`, file permissions: then writes outside the temp directory fail in the kernel too.
+Without it, a root trainer's sandbox is stopped from writing by the audit hook alone, and root is
+exempt from RLIMIT_NPROC. Reads are not restricted (the code can read any file its user can).
+`isolation()` reports which parts are active on this host; the tests check each of them.
 """
 
 from __future__ import annotations
@@ -126,13 +129,21 @@ def _audit_hook(root: str):
     return hook
 
 
-def _bootstrap(tmp: str, cpu_s: int, memory_bytes: int, fsize: int, netns: bool) -> None:
+def _bootstrap(tmp: str, cpu_s: int, memory_bytes: int, fsize: int, netns: bool, uid: int | None) -> None:
     """Runs in the child before the user's code (stdlib only; its source is passed with -c)."""
     import ast
     import linecache
     import resource
     import traceback
 
+    if uid is not None:  # first: the namespace is then owned by uid, and RLIMIT_NPROC applies to it
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+        except OSError as e:
+            sys.stderr.write(f"sandbox: cannot switch to uid {uid}: {e}\n")
+            os._exit(71)  # = _ISOLATION_FAILED
     if netns:
         _unshare_network()
     for limit, value in ((resource.RLIMIT_CPU, (cpu_s, cpu_s + 1)), (resource.RLIMIT_AS, (memory_bytes,) * 2),
@@ -180,7 +191,7 @@ class PythonTool:
 
     def __init__(self, *, wall_s: float = 10.0, cpu_s: float = 10.0, memory_mb: int = 1024, output_chars: int = 8192,
                  network: Literal["namespace", "audit"] = "namespace", python: str = sys.executable,
-                 tmp_root: str | None = None):
+                 tmp_root: str | None = None, uid: int | None = None):
         if network not in ("namespace", "audit"):
             raise ValueError(f"network must be 'namespace' or 'audit', got {network!r}")
         if wall_s <= 0 or cpu_s <= 0 or memory_mb < 16 or output_chars < 1:
@@ -188,13 +199,22 @@ class PythonTool:
         self.wall_s, self.cpu_s, self.memory_mb = wall_s, cpu_s, memory_mb
         self.output_chars, self.network, self.python = output_chars, network, python
         self.tmp_root = tmp_root  # where the per-call directories go (None: the system's temp dir)
+        if uid is not None and os.geteuid() != 0:
+            raise ValueError("uid: only a trainer running as root can run the code as another user")
+        self.uid = uid  # run the code as this user (and group): kernel-enforced writes and RLIMIT_NPROC
         self._isolation: dict[str, str] | None = None
 
     # -- the child process -----------------------------------------------------------------------
 
+    def _mkdtemp(self) -> str:
+        tmp = tempfile.mkdtemp(prefix="sailor-python-", dir=self.tmp_root)  # mode 0700
+        if self.uid is not None:
+            os.chown(tmp, self.uid, self.uid)
+        return tmp
+
     def _argv(self, tmp: str) -> list[str]:
         call = (f"_bootstrap({tmp!r}, {max(1, round(self.cpu_s))}, {self.memory_mb << 20}, {_FILE_SIZE_LIMIT}, "
-                f"{self.network == 'namespace'})")
+                f"{self.network == 'namespace'}, {self.uid!r})")
         # -I: no PYTHON* variables, user site or cwd on sys.path; -B: no .pyc writes; -u: unbuffered,
         # so output written before a kill is kept and stdout / stderr interleave as written.
         return [self.python, "-I", "-B", "-u", "-c", f"{_BOOTSTRAP_SOURCE}\n{call}\n"]
@@ -205,7 +225,7 @@ class PythonTool:
                 "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
     async def __call__(self, args: PythonArgs) -> str:
-        tmp = tempfile.mkdtemp(prefix="sailor-python-", dir=self.tmp_root)
+        tmp = self._mkdtemp()
         try:
             try:
                 proc = await asyncio.create_subprocess_exec(
@@ -237,9 +257,9 @@ class PythonTool:
             raise ToolError(f"the process did not exit after SIGKILL.{before}")
         if wall_killed:
             raise ToolError(f"wall time limit ({self.wall_s:g}s) exceeded; process group killed.{before}")
-        if rc == _ISOLATION_FAILED and out.startswith("sandbox: cannot isolate"):
-            raise ToolError(f"refusing to run code: {out.strip()} (PythonTool(network='audit') accepts the "
-                            "weaker audit-hook isolation)")
+        if rc == _ISOLATION_FAILED and out.startswith("sandbox: cannot"):
+            hint = " (PythonTool(network='audit') accepts the weaker audit-hook isolation)" if "isolate" in out else ""
+            raise ToolError(f"refusing to run code: {out.strip()}{hint}")
         if rc in (-signal.SIGXCPU, -signal.SIGKILL):
             raise ToolError(f"CPU time limit ({max(1, round(self.cpu_s))}s) exceeded; process killed.{before}")
         if rc == _OUT_OF_MEMORY:
@@ -323,7 +343,7 @@ print(json.dumps({"ifaces": ifaces, "threads": threads}))
 
 
 def _probe(tool: PythonTool) -> dict[str, str]:
-    tmp = tempfile.mkdtemp(prefix="sailor-python-probe-", dir=tool.tmp_root)
+    tmp = tool._mkdtemp()
     try:
         proc = subprocess.run(tool._argv(tmp), input=_PROBE.encode(), capture_output=True, cwd=tmp,
                               env=tool._env(tmp), timeout=30, start_new_session=True)
@@ -337,7 +357,8 @@ def _probe(tool: PythonTool) -> dict[str, str]:
     return {
         "network": "kernel: private network namespace (loopback only) + audit hook" if netns else "audit hook only",
         "processes": "kernel: RLIMIT_NPROC=1 + audit hook" if not report["threads"] else "audit hook only",
-        "writes": "audit hook (outside the temp directory)",
+        "writes": (f"kernel: runs as uid {tool.uid} + audit hook" if tool.uid is not None
+                   else "audit hook only (outside the temp directory)"),
         "cpu": f"kernel: RLIMIT_CPU={max(1, round(tool.cpu_s))}s",
         "memory": f"kernel: RLIMIT_AS={tool.memory_mb} MiB",
         "wall": f"process-group SIGKILL after {tool.wall_s:g}s",

@@ -57,10 +57,11 @@ def test_isolation_report_matches_the_host(tool):
     else:
         assert iso["network"].startswith("unavailable") and "refuses" in iso["network"]
         pytest.skip("user + network namespaces are not permitted here; the refusal is tested below")
-    assert iso["processes"] == ("audit hook only" if os.getuid() == 0 else "kernel: RLIMIT_NPROC=1 + audit hook")
     threads = run(tool, "import threading\ntry:\n    threading.Thread(target=int).start(); print('yes')\n"
                         "except RuntimeError:\n    print('no')")
-    assert threads == ("yes\n" if os.getuid() == 0 else "no\n")
+    # Root is exempt from RLIMIT_NPROC; any other user is held to it inside its new user namespace.
+    assert iso["processes"] == ("audit hook only" if os.geteuid() == 0 else "kernel: RLIMIT_NPROC=1 + audit hook")
+    assert threads == ("yes\n" if iso["processes"] == "audit hook only" else "no\n")
 
 
 @pytest.fixture
@@ -209,6 +210,34 @@ def test_writes_outside_the_temp_dir_are_refused(tool, tmp_path):
     # Inside its own directory, files work as usual.
     inside = "open('a.txt', 'w').write('kept')\nimport os; os.mkdir('d')\nprint(open('a.txt').read())"
     assert run(tool, inside) == "kept\n"
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"  # world-readable, unlike a venv under /root: usable by another uid
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.access(SYSTEM_PYTHON, os.X_OK),
+                    reason="dropping to another uid needs root and an interpreter that uid can read")
+def test_dropped_uid_makes_write_confinement_kernel_enforced(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir(mode=0o755)
+    outside.chmod(0o755)  # readable by everyone, writable by root only
+    (tmp_path / "calls").mkdir()
+    # A write the audit hook cannot see: the path it checks ('f') is relative to dir_fd, not the cwd.
+    code = (f"import os\nd = os.open({str(outside)!r}, os.O_RDONLY)\n"
+            "os.close(os.open('f', os.O_WRONLY | os.O_CREAT, dir_fd=d))\nprint('written')")
+    hook_only = PythonTool(tmp_root=str(tmp_path / "calls"))
+    assert hook_only.isolation()["writes"] == "audit hook only (outside the temp directory)"
+    assert run(hook_only, code) == "written\n" and (outside / "f").exists()  # the documented gap
+    (outside / "f").unlink()
+    as_nobody = PythonTool(python=SYSTEM_PYTHON, uid=65534, tmp_root=str(tmp_path / "calls"))
+    iso = as_nobody.isolation()
+    assert iso["writes"] == "kernel: runs as uid 65534 + audit hook"
+    if NETNS:
+        assert iso["processes"] == "kernel: RLIMIT_NPROC=1 + audit hook"  # not root any more
+    out = run(as_nobody, code)
+    assert "PermissionError: [Errno 13] Permission denied" in out and not (outside / "f").exists()
+    assert run(as_nobody, "import os; open('mine.txt', 'w').write('x'); print(os.getuid())") == "65534\n"
+    assert list((tmp_path / "calls").iterdir()) == []
 
 
 def test_output_is_truncated_with_a_marker(tmp_path):
