@@ -22,6 +22,7 @@ still turns it into an error observation, named by its exception type.
 
     def lookup(args: Lookup) -> str: ...
     tool = FunctionTool("lookup", lookup, Lookup, "Look a key up in the table.")
+    tool_spec(tool)   # {"name": "lookup", "description": ..., "parameters": <JSON schema>} for prompts
 """
 
 from __future__ import annotations
@@ -50,6 +51,18 @@ class Tool(Protocol):
     args_type: type[msgspec.Struct]
 
     async def __call__(self, args: Any) -> str: ...
+
+
+def tool_spec(tool: Tool) -> dict[str, Any]:
+    """{"name", "description", "parameters": JSON schema of args_type}: the function format chat
+    templates (Qwen, Llama, OpenAI) render into the system prompt."""
+    schema = msgspec.json.schema(tool.args_type)
+    defs = schema.pop("$defs", {})
+    params = dict(defs.pop(schema.pop("$ref").rsplit("/", 1)[-1])) if "$ref" in schema else schema
+    params.pop("title", None)
+    if defs:  # nested structs keep their definitions beside the top-level object
+        params["$defs"] = defs
+    return {"name": tool.name, "description": tool.description, "parameters": params}
 
 
 class FunctionTool:

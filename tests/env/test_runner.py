@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sailor_engine.env.protocol import FunctionTool, Tool, ToolError, TransientToolError
+from sailor_engine.env.protocol import FunctionTool, Tool, ToolError, TransientToolError, tool_spec
 from sailor_engine.env.runner import Observation, ToolLimits, ToolRunner, _Slots
 
 
@@ -73,6 +73,20 @@ class Search:
 def test_tool_contract_is_a_protocol():
     assert isinstance(Search(), Tool)
     assert isinstance(FunctionTool("f", str, Key), Tool)
+
+
+def test_tool_spec_is_the_chat_template_function_format():
+    class Inner(msgspec.Struct):
+        x: int
+
+    class Nested(msgspec.Struct):
+        inner: Inner
+
+    assert tool_spec(Search()) == {"name": "search", "description": "web search", "parameters": {
+        "type": "object", "properties": {"query": {"type": "array", "items": {"type": "string"}}},
+        "required": ["query"], "additionalProperties": False}}
+    nested = tool_spec(FunctionTool("n", str, Nested, "nested"))["parameters"]
+    assert nested["properties"]["inner"] == {"$ref": "#/$defs/Inner"} and "Inner" in nested["$defs"]
 
 
 def test_load_with_hanging_calls_finishes_within_the_timeout_bound():
