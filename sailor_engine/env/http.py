@@ -55,6 +55,7 @@ class HttpTool:
         # An AsyncClient's connections belong to the loop that opened them.
         loop = asyncio.get_running_loop()
         if self._client is None or self._client_loop is not loop:
+            # A client left on another loop cannot be closed from this one; only tests switch loops.
             self._client = httpx.AsyncClient(headers=self._headers, timeout=self._timeout, limits=self._limits)
             self._client_loop = loop
         return self._client
@@ -68,6 +69,8 @@ class HttpTool:
             raise TransientToolError(f"HTTP timeout ({type(e).__name__})") from e
         except httpx.TransportError as e:
             raise TransientToolError(f"connection error ({type(e).__name__}: {e})") from e
+        except httpx.HTTPError as e:  # undecodable body, redirect loop, bad URL: retrying will not help
+            raise ToolError(f"HTTP error ({type(e).__name__}: {e})") from e
         status = reply.status_code
         if not 200 <= status < 300:
             snippet = data[:_SNIPPET].decode(reply.encoding or "utf-8", "replace").strip()
