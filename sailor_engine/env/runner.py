@@ -647,9 +647,9 @@ class ToolRunner:
     def metrics(self) -> dict[str, Any]:
         """Per-tool counters and latency percentiles (seconds, over the last 65536 executed calls).
 
-        calls: every call naming the tool; ok / errors: their outcomes (cache hits count as ok only
-        in cache_hits / coalesced); timeouts and retries count attempts; in_flight: executing now;
-        queued: waiting for a slot.
+        calls: every call naming the tool, = ok + errors + cache_hits + coalesced once all are done
+        (errors include bad_arguments); timeouts and retries count attempts; in_flight: executing
+        now; queued: waiting for a slot.
         """
         loop = self._loop
         return {
