@@ -68,15 +68,15 @@ def test_isolation_report_matches_the_host(tool):
 def loopback_server():
     """A TCP listener the parent can reach on 127.0.0.1; accepts at most a few connections, then stops."""
     srv = socket.create_server(("127.0.0.1", 0))
-    srv.settimeout(0.2)
-    accepted = []
+    srv.settimeout(0.05)
+    accepted, stop = [], threading.Event()
 
     def serve():
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and len(accepted) < 3:
+        while not stop.is_set() and time.monotonic() < deadline and len(accepted) < 3:
             try:
                 conn, _ = srv.accept()
-            except (TimeoutError, OSError):
+            except TimeoutError:
                 continue
             accepted.append(conn)
             conn.close()
@@ -84,8 +84,9 @@ def loopback_server():
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     yield srv.getsockname()[1], accepted
-    srv.close()
+    stop.set()
     thread.join(1)
+    srv.close()
 
 
 @pytest.mark.skipif(not NETNS, reason="needs user + network namespaces")
