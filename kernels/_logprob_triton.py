@@ -142,7 +142,7 @@ def _logprob_fwd_kernel(
 def _logprob_bwd_kernel(
     h_ptr, w_ptr, b_ptr,  # hidden rows of this chunk (Nc, H), weight (V, H), bias (V,) or a dummy
     tgt_ptr,  # (Nc,) int64 target index within this weight, -1 = not here / ignored
-    lse_ptr,  # (Nc,) fp32 global log-sum-exp of the scaled logits
+    m_ptr, logs_ptr,  # (Nc,) fp32: global max M and log S of the scaled logits (lse = M + log S)
     g_ptr,  # (Nc,) fp32 upstream grad of logp, already zero on ignored rows
     dz_ptr,  # (Nc, V) out, input dtype: d(logp . g) / d(raw logits)
     N, V, H,
@@ -168,10 +168,11 @@ def _logprob_bwd_kernel(
     col_mask = cols < V
     z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_hn, stride_wv, inv_t,
                      HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32, INPUT_PRECISION)
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    m = tl.load(m_ptr + rows, mask=row_mask, other=0.0)
+    log_s = tl.load(logs_ptr + rows, mask=row_mask, other=0.0)
     g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
     tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-1)
-    p = tl.exp(z - lse[:, None])  # <= 1 up to rounding: z <= lse for every real row
+    p = tl.exp((z - m[:, None]) - log_s[:, None])  # z - M is exact near the max; see logprob.py
     onehot = tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)
     # chain rule through z = raw * inv_t: d/d(raw) = inv_t * g * (onehot - p)
     dz = (onehot - p) * (g * inv_t)[:, None]
@@ -225,10 +226,10 @@ def fwd_stats(hidden, weight, bias, tgt, inv_t: float, want_entropy: bool) -> to
     return stats
 
 
-def bwd_dlogits(hidden, weight, bias, tgt, lse, g, inv_t: float, out: torch.Tensor) -> torch.Tensor:
+def bwd_dlogits(hidden, weight, bias, tgt, m, log_s, g, inv_t: float, out: torch.Tensor) -> torch.Tensor:
     """Write d(sum g * logp)/d(raw logits) for a row chunk into out (Nc, V), input dtype; return out.
 
-    hidden: (Nc, H) rows of the chunk; tgt, lse, g: (Nc,); lse, g fp32.
+    hidden: (Nc, H) rows of the chunk; tgt, m, log_s, g: (Nc,); m, log_s, g fp32.
     """
     n, h = hidden.shape
     v = weight.shape[0]
@@ -236,7 +237,7 @@ def bwd_dlogits(hidden, weight, bias, tgt, lse, g, inv_t: float, out: torch.Tens
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(v, meta["BLOCK_V"]),)  # noqa: E731
     with _on(hidden.device):
         _logprob_bwd_kernel[grid](
-            hidden, weight, bias if bias is not None else hidden, tgt, lse, g, out,
+            hidden, weight, bias if bias is not None else hidden, tgt, m, log_s, g, out,
             n, v, h, hidden.stride(0), weight.stride(0), out.stride(0), inv_t,
             HAS_BIAS=bias is not None, DOT_FP32=dot_fp32, INPUT_PRECISION=precision, GROUP_N=8,
         )
