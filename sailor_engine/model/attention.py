@@ -225,6 +225,11 @@ class CachedAttention:
     Serves prefill, chunked prefill after a tool response, and one-token decode in one call.
     new tokens: N packed, cu_seqlens (S + 1,); slots: (S,) cache rows, distinct. Token j of sequence i
     goes to position lengths[slots[i]] + j. `positions` (N,) is what RoPE must use.
+
+    Keys and values are read as a *view* of the cache rows [lo, hi) spanning the slots, never
+    gathered: rows of that span not in this call get one dummy query that sees one key, and their
+    outputs are dropped. When the slots are exactly lo..hi-1 in order and every chunk is one token
+    (the common decode step), queries and outputs need no scatter or gather either.
     """
 
     def __init__(self, cache: KVCache, cu_seqlens: Tensor, slots: Tensor):
@@ -241,31 +246,38 @@ class CachedAttention:
             raise ValueError(f"KV cache overflow: a sequence needs {int(end.max())} positions, "
                              f"the cache holds {cache.max_seq_len}")
         S, N = len(slots), int(n.sum())
+        lo, hi = int(slots.min()), int(slots.max()) + 1
         seq_of_tok = torch.repeat_interleave(torch.arange(S, device=dev), n, output_size=N)
         offset = torch.arange(N, device=dev) - cu_seqlens[:-1].to(dev, torch.int64)[seq_of_tok]
-        self.cache, self.slots, self.n, self.end = cache, slots, n, end
+        self.cache, self.slots, self.end, self.lo, self.hi = cache, slots, end, lo, hi
         self.tok_slot = slots[seq_of_tok]  # (N,)
         self.positions = start[seq_of_tok] + offset  # (N,)
-        self.seq_of_tok, self.offset = seq_of_tok, offset
+        self.row_of_tok, self.offset = self.tok_slot - lo, offset  # row within the span
         q_max, k_max = max(int(n.max()), 1), max(int(end.max()), 1)  # >= 1: empty chunks are legal
-        key_pos = torch.arange(k_max, device=dev)
-        q_pos = start[:, None] + torch.arange(q_max, device=dev)[None]  # (S, q_max)
-        mask = key_pos[None, None, :] <= q_pos[:, :, None]  # causal, (S, q_max, k_max)
-        mask[:, :, 0] = True  # padded query rows see one key instead of none (NaN); outputs dropped
-        self.mask = mask[:, None]  # (S, 1, q_max, k_max)
+        self.direct = q_max == 1 and hi - lo == S and bool((slots == torch.arange(lo, hi, device=dev)).all())
+        # causal mask over the span: a row's query j sits at position start + j
+        span_start = torch.zeros(hi - lo, dtype=torch.int64, device=dev)
+        span_start[slots - lo] = start
+        q_pos = span_start[:, None] + torch.arange(q_max, device=dev)[None]  # (R, q_max)
+        mask = torch.arange(k_max, device=dev)[None, None, :] <= q_pos[:, :, None]  # (R, q_max, k_max)
+        mask[:, :, 0] = True  # padding queries (dummy rows, short chunks) see one key: no NaN; dropped
+        self.mask = mask[:, None]  # (R, 1, q_max, k_max)
         self.q_max, self.k_max = q_max, k_max
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         c = self.cache
         c.k[layer, self.tok_slot, self.positions] = k.to(c.k.dtype)
         c.v[layer, self.tok_slot, self.positions] = v.to(c.v.dtype)
-        S, (H, D) = len(self.slots), q.shape[1:]
-        qp = q.new_zeros(S, self.q_max, H, D)
-        qp[self.seq_of_tok, self.offset] = q
-        keys = c.k[layer, self.slots, : self.k_max].to(q.dtype)  # (S, k_max, kv_heads, d)
-        vals = c.v[layer, self.slots, : self.k_max].to(q.dtype)
+        keys = c.k[layer, self.lo:self.hi, : self.k_max].to(q.dtype)  # view (R, k_max, kv_heads, d)
+        vals = c.v[layer, self.lo:self.hi, : self.k_max].to(q.dtype)
+        if self.direct:
+            qp = q[:, None]
+        else:
+            qp = q.new_zeros(self.hi - self.lo, self.q_max, *q.shape[1:])
+            qp[self.row_of_tok, self.offset] = q
         out = _sdpa(qp.transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2), attn_mask=self.mask)
-        return out.transpose(1, 2)[self.seq_of_tok, self.offset]
+        out = out.transpose(1, 2)  # (R, q_max, heads, d)
+        return out[:, 0] if self.direct else out[self.row_of_tok, self.offset]
 
     def commit(self) -> None:
         """Advance the slots' lengths once every layer has written its keys and values."""
