@@ -1,4 +1,18 @@
-"""sailor_engine.kernels: fused Triton kernels for RL training, usable without the rest of the engine.
+"""sailor_engine.kernels: fused kernels for RL training, usable without the rest of the engine.
 
-Depends on torch and triton only.
+Depends on torch and triton only, so another trainer (TRL, verl, a plain PyTorch loop) can embed it:
+
+    from sailor_engine.kernels import fused_linear_logprob, policy_loss
+
+    logp = fused_linear_logprob(hidden, lm_head.weight, targets, temperature=1.0)      # (N,), no (N, V)
+    per_token, stats = policy_loss(logp, old_logp, advantages, loss_mask, eps_low=0.2, eps_high=0.28)
+    loss = per_token.sum() / num_loss_tokens_of_the_whole_step
+
+Triton on CUDA; on CPU a chunked PyTorch path with the same memory profile. Each kernel's plain
+PyTorch specification is in `sailor_engine.kernels.reference`.
 """
+
+from .logprob import fused_linear_logprob
+from .policy_loss import PolicyLossStats, policy_loss
+
+__all__ = ["PolicyLossStats", "fused_linear_logprob", "policy_loss"]
