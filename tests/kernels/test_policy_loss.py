@@ -387,7 +387,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 if "nvidia" not in triton.backends.backends:
     print("SKIP: no NVIDIA backend in this Triton"); sys.exit(0)
-from sailor_engine.kernels import policy_loss as pl
+import importlib
+pl = importlib.import_module("sailor_engine.kernels.policy_loss")  # the package exports the function under this name
 target = GPUTarget("cuda", 90, 32)
 flags = ["ADV_PER_SEQ", "DUAL_CLIP", "HAS_REF", "KL_IN_LOSS", "WRITE_GRAD"]
 variants = [("bf16", "i1", (1, 1, 1, 1, 1), 3), ("fp32", "fp32", (0, 0, 0, 0, 0), 3),
