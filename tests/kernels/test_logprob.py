@@ -121,6 +121,19 @@ def test_chunking_is_invisible(impl, monkeypatch):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("splits", [1, 3, 7])
+def test_triton_vocab_splits_merge_exactly(splits, monkeypatch):
+    """More forward splits than vocab tiles (some splits empty, as on a GPU with a small vocab)."""
+    from sailor_engine.kernels import _logprob_triton as tk
+
+    problem = _problem(20, 24, 150, ignore_rows=(6,))  # 3 vocab tiles of 64 under the interpreter
+    monkeypatch.setattr(tk, "_num_splits", lambda n, v, device: splits)
+    ours = _run(fused_linear_logprob, *problem, torch.float32, impl="triton", temperature=0.7)
+    torch_path = _run(fused_linear_logprob, *problem, torch.float32, impl="torch", temperature=0.7)
+    for x, y in zip(ours, torch_path):
+        torch.testing.assert_close(x, y, atol=2e-6, rtol=2e-6)
+
+
 def test_gradcheck_float64_torch_path(monkeypatch):
     # tiny tiles: the online merge across vocab chunks and row blocks is differentiated too
     monkeypatch.setattr(lp, "_TORCH_TILE_ELEMS", 6)
