@@ -209,7 +209,7 @@ def _num_splits(n: int, v: int, device: torch.device) -> int:
 def fwd_stats(hidden, weight, bias, tgt, inv_t: float, want_entropy: bool) -> torch.Tensor:
     """Partial statistics (S, 4, N) fp32 of the scaled logits, one slice per vocab split.
 
-    hidden: (N, H), weight: (V, H), bias: (V,) or None, all contiguous in one dtype; tgt: (N,) int64.
+    hidden: (N, H), weight: (V, H), bias: (V,) or None, one dtype, unit stride along H; tgt: (N,) int64.
     """
     n, h = hidden.shape
     v = weight.shape[0]
