@@ -15,7 +15,6 @@ Results: printed table + one JSON line appended to benchmarks/results/bench_logp
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 from pathlib import Path
 
@@ -28,31 +27,6 @@ from sailor_engine.kernels.logprob import fused_linear_logprob  # noqa: E402
 from sailor_engine.kernels.reference import naive_linear_logprob  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _peak_mb(fn, device) -> float:
-    """Peak extra memory of fn() in MiB: common.peak_memory_mb on CUDA, a corrected profiler walk on CPU.
-
-    common.py sums each event's cpu_memory_usage, which includes its children, so nested calls
-    (linear -> matmul -> mm) count one tensor several times. Here each event contributes its *self*
-    bytes: allocations at its start, and a net free (tensors released in Python inside an op,
-    e.g. an autograd.Function) at its end, which can only overstate the peak. Drop this once
-    common.py is fixed.
-    """
-    if torch.device(device).type == "cuda":
-        return peak_memory_mb(fn, device)
-    from torch.profiler import ProfilerActivity, profile
-
-    gc.collect()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    steps = sorted((e.time_range.start if e.self_cpu_memory_usage > 0 else e.time_range.end, e.self_cpu_memory_usage)
-                   for e in prof.events() if e.self_cpu_memory_usage != 0)
-    cur = peak = 0
-    for _, nbytes in steps:
-        cur += nbytes
-        peak = max(peak, cur)
-    return peak / 2**20
 
 
 def _liger():
@@ -124,7 +98,7 @@ def measure(impls: dict, hidden, weight, targets, g, reps, warmup, device) -> li
     rows = []
     for name, pass_name in cases:
         t = quantiles(samples[name, pass_name])
-        mem = None if pass_name == "bwd" else _peak_mb(getattr(passes[name], pass_name), device)
+        mem = None if pass_name == "bwd" else peak_memory_mb(getattr(passes[name], pass_name), device)
         rows.append({"impl": name, "pass": pass_name, **t, "tflops": flops[pass_name] / (t["median_ms"] * 1e9),
                      "peak_mb": mem})
     return rows

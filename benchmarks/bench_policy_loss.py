@@ -19,9 +19,10 @@ Results: printed table + one JSON line appended to benchmarks/results/bench_poli
 
 CPU notes: on a shared machine pass --threads 1 (with 2 intra-op threads, OpenMP barriers of the
 many small ops stall for tens of ms whenever another process holds a core). CPU peak_mb comes
-from common.peak_memory_mb, which adds up the profiler's nested allocation events, so it
-over-counts chains of casts; the process RSS growth of one fwd+bwd at N=4M fp32 with KL is a
-steadier figure (measured: ours 70 MiB, i.e. the outputs; eager 422 MiB).
+from common.peak_memory_mb (the profiler's self allocations of each op); results recorded before
+that walk was corrected (commit 'benchmarks/common: CPU peak memory from each event's self
+allocations') over-count chains of casts. The process RSS growth of one fwd+bwd at N=4M fp32 with
+KL is an independent check (measured: ours 70 MiB, i.e. the outputs; eager 422 MiB).
 """
 
 from __future__ import annotations

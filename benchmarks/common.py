@@ -76,7 +76,8 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device | str) -> floa
 
     CUDA: the caching allocator's peak. CPU: torch's CPU allocations are not traced by tracemalloc,
     so the process RSS high-water mark is not usable either (it never goes down); we use the CPU
-    profiler's memory accounting instead, which records every tensor allocation and free.
+    profiler's memory accounting instead, which records every tensor allocation and free. It may
+    under-report torch.compile'd code, whose buffers are not all tensor allocations.
     """
     device = torch.device(device)
     gc.collect()
@@ -91,12 +92,15 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device | str) -> floa
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    # Walk the events in time order and track the running total of allocations minus frees.
-    # Each event's *self* usage: an op's total includes its children's, which would count twice.
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage != 0), key=lambda e: e.time_range.start)
+    # Each event contributes its *self* bytes (an op's total includes its children's: linear ->
+    # matmul -> mm would count one tensor three times): allocations at its start, and a net free
+    # (tensors released inside an op, e.g. an autograd.Function) at its end, which can only
+    # overstate the peak.
+    steps = sorted((e.time_range.start if e.self_cpu_memory_usage > 0 else e.time_range.end, e.self_cpu_memory_usage)
+                   for e in prof.events() if e.self_cpu_memory_usage != 0)
     cur = peak = 0
-    for e in events:
-        cur += e.self_cpu_memory_usage
+    for _, nbytes in steps:
+        cur += nbytes
         peak = max(peak, cur)
     return peak / 2**20
 
