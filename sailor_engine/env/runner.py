@@ -40,20 +40,19 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import math
 import random
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from typing import Any, Callable, Iterable, Literal, Mapping
 
 import msgspec
 
+from sailor_engine.env.flow import LRU, Deadline, Slots, Stats, TokenBucket
 from sailor_engine.env.protocol import Tool, ToolError, TransientToolError
 
 ErrorKind = Literal["unknown_tool", "bad_arguments", "timeout", "transient", "error", "closed"]
 
-_LATENCY_WINDOW = 65_536  # latencies kept per tool for the percentiles (a ring buffer, newest kept)
 _MAX_MESSAGE = 500  # characters of an error message shown to the model (exception texts can be huge)
 
 
@@ -95,133 +94,17 @@ class Observation(msgspec.Struct, frozen=True, gc=False):
     backup: str | None = None  # the backup tool that produced the text, if the primary failed
 
 
-class _TokenBucket:
-    """GCRA token bucket: each acquire reserves the next start time, so waiters need no lock."""
-
-    def __init__(self, qps: float, burst: int):
-        self.interval = 1.0 / qps
-        self.tau = (burst - 1) * self.interval  # how far ahead of schedule a start may be
-        self.tat = -math.inf  # theoretical arrival time of the next call
-
-    async def acquire(self) -> None:
-        now = asyncio.get_running_loop().time()
-        tat = max(self.tat, now)
-        self.tat = tat + self.interval
-        if tat - self.tau > now:
-            await asyncio.sleep(tat - self.tau - now)
-
-
-class _Slots:
-    """A FIFO semaphore that hands a released slot straight to the next waiter.
-
-    asyncio.Semaphore (3.11) rescans already-woken waiters on every release, which is quadratic
-    with thousands of queued calls (the bench's 10k calls at concurrency 256 spent most of their
-    time there). Here a release pops one waiter and completes its future: O(1).
-    """
-
-    def __init__(self, n: int):
-        self.free, self.waiters = n, deque()
-
-    async def __aenter__(self) -> None:
-        if self.free > 0 and not self.waiters:
-            self.free -= 1
-            return
-        fut = asyncio.get_running_loop().create_future()
-        self.waiters.append(fut)
-        try:
-            await fut
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():  # the slot was handed over as we were cancelled
-                self._release()
-            elif fut in self.waiters:  # (a release may have popped and skipped it already)
-                self.waiters.remove(fut)
-            raise
-
-    async def __aexit__(self, *exc) -> None:
-        self._release()
-
-    def _release(self) -> None:
-        while self.waiters:
-            fut = self.waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)
-                return
-        self.free += 1
-
-
-class _Deadline:
-    """Cancels the current task after delay seconds, with asyncio.timeout's cancel accounting.
-
-    asyncio.timeout is pure Python in 3.11 and was a tenth of the runner's per-call cost; this is
-    the same idea with one timer handle and no state machine.
-    """
-
-    __slots__ = ("task", "cancelling", "expired", "handle")
-
-    def __init__(self, delay: float):
-        self.task = asyncio.current_task()
-        self.cancelling, self.expired = self.task.cancelling(), False
-        self.handle = asyncio.get_running_loop().call_later(delay, self._expire)
-
-    def _expire(self) -> None:
-        self.expired = True
-        self.task.cancel()
-
-    def stop(self) -> bool:
-        """Disarm; True if the deadline fired (its CancelledError, if raised, is then a timeout)."""
-        self.handle.cancel()
-        # Undo our cancel request; if someone else cancelled too, the count stays above the start.
-        return self.expired and self.task.uncancel() <= self.cancelling
-
-
-class _Stats:
-    """Counters of one tool; mutated on the loop thread only, read from any thread."""
-
-    def __init__(self):
-        self.calls = self.ok = self.errors = self.bad_arguments = self.timeouts = 0
-        self.retries = self.cache_hits = self.coalesced = self.backup_used = self.in_flight = 0
-        self.latencies: deque[float] = deque(maxlen=_LATENCY_WINDOW)
-
-    def snapshot(self) -> dict[str, Any]:
-        lat = sorted(self.latencies)  # list(deque) is one C call: safe against the loop thread
-
-        def pick(q: float) -> float | None:
-            return lat[max(0, math.ceil(q * len(lat)) - 1)] if lat else None  # nearest rank
-
-        out = {k: v for k, v in vars(self).items() if k != "latencies"}
-        out["latency_s"] = {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99),
-                            "max": lat[-1] if lat else None, "mean": sum(lat) / len(lat) if lat else None}
-        return out
-
-
 class _ToolState:
     def __init__(self, tool: Tool, limits: ToolLimits):
         self.tool, self.limits = tool, limits
         self.cacheable = bool(getattr(tool, "cacheable", True))
-        self.sem = _Slots(limits.concurrency)
+        self.sem = Slots(limits.concurrency)
         # Admission: at most 2x concurrency tasks per tool exist (executing, backing off or waiting
         # for a slot); further calls wait in a plain deque. 10k queued tasks would each cost a
         # task, a waiter future and a wake-up, all paid up front in one burst.
         self.admit_cap, self.admitted, self.queue = 2 * limits.concurrency, 0, deque()
-        self.bucket = _TokenBucket(limits.qps, limits.burst) if limits.qps else None
-        self.stats = _Stats()
-
-
-class _LRU:
-    def __init__(self, size: int):
-        self.size, self.data = size, OrderedDict()
-
-    def get(self, key):
-        text = self.data.get(key)
-        if text is not None:
-            self.data.move_to_end(key)
-        return text
-
-    def put(self, key, text: str) -> None:
-        self.data[key] = text
-        self.data.move_to_end(key)
-        if len(self.data) > self.size:
-            self.data.popitem(last=False)
+        self.bucket = TokenBucket(limits.qps, limits.burst) if limits.qps else None
+        self.stats = Stats()
 
 
 def default_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
@@ -300,7 +183,7 @@ class ToolRunner:
         self._tools = {t.name: _ToolState(t, per_tool.get(t.name, limits)) for t in tools}
         self._available = ", ".join(sorted(names))
         self._backups = backups
-        self._cache = _LRU(cache_size) if cache_size > 0 else None
+        self._cache = LRU(cache_size) if cache_size > 0 else None
         self._pending: dict[bytes, asyncio.Future | None] = {}  # identical calls in flight
         self._rng = random.Random(seed)
         self._threads = threads
@@ -587,7 +470,7 @@ class ToolRunner:
         why = bobs.text.removeprefix(f"[tool error] {backup}: ")
         return None, kind, f"{msg}; backup {backup} failed: {why}", attempts, None, False
 
-    def _bad_args(self, name: str, stats: _Stats, msg: str, t0: float) -> Observation:
+    def _bad_args(self, name: str, stats: Stats, msg: str, t0: float) -> Observation:
         stats.bad_arguments += 1
         stats.errors += 1
         return Observation(name, f"[tool error] {name}: bad arguments: {_clip(msg)}", False, "bad_arguments",
@@ -605,7 +488,7 @@ class ToolRunner:
                     await state.bucket.acquire()
                 stats.in_flight += 1
                 transient = False
-                deadline = _Deadline(limits.timeout_s)
+                deadline = Deadline(limits.timeout_s)
                 try:
                     try:
                         text = await state.tool(args)

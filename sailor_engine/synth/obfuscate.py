@@ -34,9 +34,9 @@ def exact_date(attr: str, year: int) -> Attr:
 def vague_date(attr: str, year: int, rng: np.random.Generator) -> Attr:
     """A year -> part of its decade ("the mid-1980s"), or of its century for old dates ("the late 1700s")."""
     if year >= 1800 and rng.random() < 0.8:
-        base, parts, unit = year - year % 10, _PARTS, 10
+        base, parts = year - year % 10, _PARTS
     else:
-        base, parts, unit = year - year % 100, _CENTURY_PARTS, 100
+        base, parts = year - year % 100, _CENTURY_PARTS
     off = year - base
     word, lo, hi = next(p for p in parts if p[1] <= off <= p[2])
     era = f"{base}s" if base >= 0 else f"{-base}s BCE"

@@ -25,7 +25,7 @@ import numpy as np
 from sailor_engine.synth import obfuscate as ob
 from sailor_engine.synth.config import SynthConfig
 from sailor_engine.synth.constraints import Checker, Link, Node
-from sailor_engine.synth.graph import Graph
+from sailor_engine.synth.graph import Graph, Relation
 from sailor_engine.synth.phrasing import PLURAL, article, attr_clause, relation_phrase
 from sailor_engine.synth.sample import Subgraph
 

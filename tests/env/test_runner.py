@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sailor_engine.env.protocol import FunctionTool, Tool, ToolError, TransientToolError, tool_spec
-from sailor_engine.env.runner import Observation, ToolLimits, ToolRunner, _Slots
+from sailor_engine.env.flow import Slots
+from sailor_engine.env.runner import Observation, ToolLimits, ToolRunner
 
 
 class Query(msgspec.Struct, forbid_unknown_fields=True):
@@ -138,7 +139,7 @@ def test_concurrency_limit_is_respected():
 
 def test_slot_handed_to_a_waiter_cancelled_before_it_runs_is_passed_on():
     async def main():
-        slots = _Slots(1)
+        slots = Slots(1)
         await slots.__aenter__()
         first = asyncio.ensure_future(slots.__aenter__())
         second = asyncio.ensure_future(slots.__aenter__())

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sailor_engine.model import ModelConfig, Transformer, load_hf
+from sailor_engine.model import load_hf
 from sailor_engine.rollout.generator import Generator, SamplingParams, sample_from
 
 transformers = pytest.importorskip("transformers")
