@@ -11,9 +11,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)${extras:+-$extras}"
 if [ ! -f "$stamp" ]; then
-  .venv/bin/python -m pip install -q --upgrade pip
-  # The pinned CPU torch first: an unpinned resolve would pull several GB of CUDA wheels.
-  .venv/bin/python -m pip install -q torch==2.13.0 triton==3.7.1
-  .venv/bin/python -m pip install -q -e ".${extras:+[$extras]}"
+  echo "installing sailor-engine${extras:+[$extras]} into .venv (log: .venv/install.log) ..."
+  {
+    .venv/bin/python -m pip install --upgrade pip &&
+    # The pinned CPU torch first: an unpinned resolve would pull several GB of CUDA wheels.
+    .venv/bin/python -m pip install torch==2.13.0 triton==3.7.1 &&
+    .venv/bin/python -m pip install -e ".${extras:+[$extras]}"
+  } > .venv/install.log 2>&1 || { tail -n 40 .venv/install.log; echo "install failed (full log: .venv/install.log)" >&2; exit 1; }
   touch "$stamp"
 fi
