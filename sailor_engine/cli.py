@@ -153,7 +153,7 @@ COMMANDS = (
     )),
     Command("demo", demo, "run every stage of the pipeline on the embedded synthetic world (CPU, minutes)",
             config=True, args=(
-        arg("--rft-steps", type=int, default=30, help="RFT optimizer steps before the rollouts (default: 30)"),
+        arg("--rft-steps", type=int, default=200, help="RFT optimizer steps before the rollouts (default: 200)"),
         arg("--tasks", type=int, default=8, help="held-out tasks rolled out, algo.group_size episodes each (default: 8)"),
     )),
 )

@@ -1,6 +1,6 @@
 """A short pass through every stage the engine has today, on the embedded synthetic world, on the CPU.
 
-    sailor-engine demo                  # ~1-3 minutes on 2 cores
+    sailor-engine demo                  # ~2 minutes on 2 cores
 
 synth (graph -> verified QA, offline web, tokenizer, expert trajectories) -> a tiny decoder ->
 a few RFT steps on expert trajectories (packed varlen, fused log-prob, tool responses masked) ->
@@ -62,7 +62,7 @@ def demo_config(path: str | None = None, overrides: tuple[str, ...] = ()) -> Con
     return load_config(path, (() if path else DEMO_OVERRIDES) + tuple(overrides))
 
 
-def run_preview(cfg: Config, *, rft_steps: int = 30, rl_tasks: int = 8, console: Console | None = None) -> PreviewResult:
+def run_preview(cfg: Config, *, rft_steps: int = 200, rl_tasks: int = 8, console: Console | None = None) -> PreviewResult:
     con = console or Console()
     torch.manual_seed(cfg.train.seed)
     t0 = time.perf_counter()
