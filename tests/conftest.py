@@ -1,10 +1,14 @@
-"""Test-wide settings: CPU by default; Triton kernels run under the interpreter when there is no GPU.
+"""Test-wide settings: CPU by default; Triton kernels run under the interpreter when there is no GPU;
+the `run_workers` fixture for distributed tests.
 
 TRITON_INTERPRET must be set before triton.jit decorates anything, hence here, before any test
 module imports sailor_engine.kernels.
 """
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,3 +24,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _run(script: Path, nproc: int = 2, timeout: float = 300) -> str:
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone", str(script)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"worker failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+@pytest.fixture
+def run_workers():
+    """run_workers(script, nproc=2): launch a worker script under torchrun (gloo), return its stdout."""
+    return _run
