@@ -270,16 +270,19 @@ class Generator:
     def _sample(self, logits: Tensor) -> tuple[Tensor, Tensor]:
         """logits: (R, V) fp32 -> tokens (R,), logprobs (R,)."""
         ps = [r.params for r in self.running]
-        temps = torch.tensor([1.0 if p.is_greedy else p.temperature for p in ps], device=logits.device)
-        logp = torch.log_softmax(logits / temps[:, None], dim=-1)
-        tokens = logits.argmax(-1)
+        temps = [1.0 if p.is_greedy else p.temperature for p in ps]
+        z = logits if all(t == 1.0 for t in temps) else logits / torch.tensor(temps, device=logits.device)[:, None]
         sampled = [i for i, p in enumerate(ps) if not p.is_greedy]
-        if sampled:
-            idx = torch.tensor(sampled, device=logits.device)
-            u = torch.cat([torch.rand(1, generator=self.running[i].rng) for i in sampled]).to(logits.device)
-            top_p = torch.tensor([ps[i].top_p for i in sampled], device=logits.device)
-            top_k = torch.tensor([ps[i].top_k for i in sampled], device=logits.device)
-            tokens[idx] = sample_from(logp[idx], u, top_p, top_k)
+        if not sampled:  # argmax, and log p = z_t - logsumexp(z): no (R, V) log-softmax written
+            tokens = z.argmax(-1)
+            return tokens, z.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(z, -1)
+        logp = torch.log_softmax(z, dim=-1)
+        tokens = logp.argmax(-1)
+        idx = torch.tensor(sampled, device=logits.device)
+        u = torch.cat([torch.rand(1, generator=self.running[i].rng) for i in sampled]).to(logits.device)
+        top_p = torch.tensor([ps[i].top_p for i in sampled], device=logits.device)
+        top_k = torch.tensor([ps[i].top_k for i in sampled], device=logits.device)
+        tokens[idx] = sample_from(logp[idx], u, top_p, top_k)
         return tokens, logp.gather(-1, tokens[:, None])[:, 0]
 
 
