@@ -32,7 +32,6 @@ class RolloutConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
     # -- generator --
     max_batch: Annotated[int, Meta(ge=1, description="Sequences decoding at once (KV-cache slots); a finished or parked episode frees its slot.")] = 64
-    cuda_graphs: Annotated[bool, Meta(description="Capture the decode step in a CUDA graph where shapes allow (CUDA only).")] = True
 
     # -- tool runner --
     tools: Annotated[
