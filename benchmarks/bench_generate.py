@@ -91,7 +91,7 @@ def main() -> None:
     print_table(f"generate: {args.batch} prompts ({min(lens)}-{max(lens)} tokens) x {n_new} new tokens, "
                 f"{args.layers}L h{args.hidden} V{args.vocab}, {args.device}",
                 rows, ["impl", "median_s", "tokens_per_s", "speedup", "greedy_identical"])
-    record("generate", vars(args), rows, args.device)
+    record("bench_generate", vars(args), rows, args.device)
 
 
 if __name__ == "__main__":

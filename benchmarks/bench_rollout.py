@@ -171,7 +171,7 @@ def main() -> None:
     print_table(f"rollout: {args.episodes} episodes x {args.calls} tool calls, {args.layers}L h{args.hidden}, "
                 f"summed tool latency {total_latency:.2f} s, {args.device}",
                 rows, ["run", "wall_s", "episodes_per_s", "tokens_per_s", "decode_s", "tool_wait_s", "hidden"])
-    record("rollout", vars(args), rows, args.device)
+    record("bench_rollout", vars(args), rows, args.device)
 
 
 if __name__ == "__main__":
