@@ -37,13 +37,18 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.float32:  # one fused op, same arithmetic as below
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        # HF's order for low precision: normalise in fp32, round to the input dtype, then scale.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x: (..., D), weight: (D,). A function so that tensor parallelism can pass a wrapped weight."""
+    if x.dtype == torch.float32:  # one fused op, same arithmetic as below
+        return F.rms_norm(x, weight.shape, weight, eps)
+    # HF's order for low precision: normalise in fp32, round to the input dtype, then scale.
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig, device: torch.device | str | None = None) -> Tensor:
