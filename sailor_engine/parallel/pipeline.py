@@ -1,0 +1,394 @@
+"""Pipeline parallelism: a balanced partition of the decoder into stages and a 1F1B schedule over
+micro-batches of packed varlen sequences.
+
+    ranges = stage_layers(model.cfg, dims.pp)                        # one range of layers per stage
+    stage = PipelineStage(model, ranges[groups.pp_rank], groups.pp_rank, dims.pp)
+    mbs = [MicroBatch.packed(b.input_ids, b.cu_seqlens) for b in packed]   # first stage (others may pass None)
+    loss = one_f_one_b(stage, mbs, loss_fn, groups.pp)               # loss_fn(hidden, i) on the last stage
+
+Partition. Every piece is costed by its parameter count: a decoder layer's matmuls cost 2 FLOPs per
+parameter per token, the LM head's likewise (2*V*H), and weights, gradients and optimizer state
+are bytes per parameter, so parameters balance compute and memory at once. The one exception is
+the embedding: a gather, no FLOPs, but V*H parameters of memory. Counting it anyway gives the
+first stage fewer layers, which is where 1F1B wants them: stage s holds the activations of up to
+pp - s micro-batches, the first stage the most. The first stage holds the embedding, the last the
+final norm and the LM head (its own copy of the embedding when tied, see below); layers are split
+contiguously, at least one per stage, minimising the largest stage cost (exact dynamic program).
+
+Stage. `PipelineStage` takes its pieces of a full `Transformer` (shared, not copied: build the
+model on the meta device and materialise only the stage's parameters for a real run). Parameter
+names are the model's ("layers.7.mlp.up_proj.weight"), so checkpoints map one to one. It runs its
+layers on a packed stream: the first stage maps input_ids (N,) to hidden (N, H), the others take
+hidden (N, H); every stage builds its RoPE tables from positions (N,) and confines attention to
+each sequence with cu_seqlens (S + 1,); the last applies the final norm.
+
+Tied embeddings with pp > 1: the last stage holds `lm_head.weight`, a copy of the embedding made at
+construction (a checkpoint loader fills it from "embed_tokens.weight"). Both copies receive the sum
+of their gradients at the end of `one_f_one_b` (one p2p exchange between the first and last stage;
+a + b == b + a in floating point, so the copies stay bit-identical under the same optimizer).
+
+Schedule (1F1B, PipeDream-flush). Stage s of P runs min(P - 1 - s, m) warm-up forwards, then
+alternates one forward and one backward, then drains the remaining backwards, so it never holds
+more than P - s micro-batches of activations, whatever m. Micro-batches of packed sequences differ
+in N, so shapes travel before tensors: once per step, before any activation, the first stage sends
+every micro-batch's metadata (sizes, cu_seqlens and positions, int64) down the chain, and each
+stage forwards it. After that every activation (N_i, H) and gradient (N_i, H) has a known shape,
+and simultaneous send/receive pairs go through one `dist.batch_isend_irecv` (no ordering deadlock).
+
+Loss. `loss_fn(hidden, i)` runs on the last stage for micro-batch i and returns that micro-batch's
+share of the step's loss, normalised by global counts of the whole step (e.g. `rft_loss` in
+data.py, `rl_loss` in rl/loss.py with `global_norm`), so the summed micro-batch losses equal the
+full-batch loss and the accumulated gradients equal the full-batch gradients. No rescaling here.
+
+Pipelined decode (design; not built yet). The generator would run `forward_cached` split by stage:
+each stage owns the KV cache of its layers only (a `KVCache` of len(layers) layers, addressed with
+layer_idx - layers.start), and the generator's active slots are cut into k >= P groups. Every
+tick, stage s runs the group it received from s - 1 (hidden (n, H) plus cu_seqlens / slots /
+positions, the same metadata exchange as above), sends its output on, and the last stage samples
+the next token of its group and sends the ids (n,) back to the first stage, which embeds them at
+the following tick. With k >= P groups in flight no stage idles; each group advances one token per
+P ticks. A finished or parked (tool call) sequence leaves its group at the first stage, which also
+admits new prompts; only the first and last stage need the tokenizer and sampler.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from sailor_engine.model.attention import VarlenAttention, resolve_backend
+from sailor_engine.model.config import ModelConfig
+from sailor_engine.model.transformer import DecoderLayer, Transformer, packed_positions, rope_tables
+
+# -- partition -------------------------------------------------------------------------------------
+
+
+def balanced_partition(costs: Sequence[int], pp: int, *, first_extra: int = 0, last_extra: int = 0) -> list[range]:
+    """Split layers 0..L-1 into pp contiguous non-empty ranges minimising the largest stage cost.
+
+    costs: (L,) per-layer cost; first_extra / last_extra are added to the first / last stage (the
+    embedding, the final norm and LM head). Exact: dynamic program over split points, O(pp * L^2).
+    Ties go to the earliest split, so the result is deterministic on every rank.
+    """
+    L = len(costs)
+    if pp < 1 or L < pp:
+        raise ValueError(f"cannot split {L} layers into {pp} pipeline stages (need 1 <= pp <= num_layers)")
+    prefix = [0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+
+    def cost(stage: int, a: int, b: int) -> int:  # layers [a, b) on `stage`
+        return prefix[b] - prefix[a] + (first_extra if stage == 0 else 0) + (last_extra if stage == pp - 1 else 0)
+
+    inf = float("inf")
+    # best[k][j]: smallest max cost putting layers [0, j) on stages 0..k-1; cut[k][j]: where stage k-1 starts.
+    best = [[inf] * (L + 1) for _ in range(pp + 1)]
+    cut = [[0] * (L + 1) for _ in range(pp + 1)]
+    best[0][0] = 0
+    for k in range(1, pp + 1):
+        for j in range(k, L - (pp - k) + 1):
+            for i in range(k - 1, j):
+                v = max(best[k - 1][i], cost(k - 1, i, j))
+                if v < best[k][j]:
+                    best[k][j], cut[k][j] = v, i
+    bounds, j = [L], L
+    for k in range(pp, 0, -1):
+        j = cut[k][j]
+        bounds.append(j)
+    bounds.reverse()
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def stage_layers(cfg: ModelConfig, pp: int) -> list[range]:
+    """The decoder layers of each of pp stages, balanced by parameter count (see the module docstring)."""
+    layer = sum(p.numel() for p in DecoderLayer(cfg, 0, device="meta").parameters())
+    table = cfg.vocab_size * cfg.hidden_size
+    head = cfg.hidden_size + table  # final norm + LM head (or the last stage's copy of a tied embedding)
+    return balanced_partition([layer] * cfg.num_layers, pp, first_extra=table, last_extra=head)
+
+
+# -- stage -----------------------------------------------------------------------------------------
+
+
+class PipelineStage(nn.Module):
+    """The layers `layers` of `model`, plus the embedding on stage 0 and the final norm + head on the last.
+
+    forward(x, cu_seqlens, positions): x is input_ids (N,) on the first stage, hidden (N, H)
+    elsewhere; returns hidden (N, H), after the final norm on the last stage. With pp == 1 the stage
+    is the whole model (`forward_packed` plus `output_weight`), the module data.py wraps.
+    """
+
+    def __init__(self, model: Transformer, layers: range, pp_rank: int, pp: int):
+        super().__init__()
+        if not 0 <= pp_rank < pp:
+            raise ValueError(f"pp_rank {pp_rank} outside pp = {pp}")
+        if len(layers) == 0 or layers.step != 1 or layers.start < 0 or layers.stop > len(model.layers):
+            raise ValueError(f"stage layers {layers} must be a non-empty contiguous part of 0..{len(model.layers) - 1}")
+        self.cfg, self.layer_range, self.pp_rank, self.pp = model.cfg, layers, pp_rank, pp
+        self.is_first, self.is_last = pp_rank == 0, pp_rank == pp - 1
+        self.embed_tokens = model.embed_tokens if self.is_first else None
+        # Keyed by the global layer index, so parameter names match the full model's.
+        self.layers = nn.ModuleDict({str(i): model.layers[i] for i in layers})
+        self.norm = model.norm if self.is_last else None
+        self.tied_copy = self.is_last and not self.is_first and model.lm_head is None
+        if not self.is_last:
+            self.lm_head = None
+        elif self.tied_copy:
+            w = model.embed_tokens.weight
+            self.lm_head = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+            with torch.no_grad():
+                self.lm_head.weight.copy_(w)
+        else:
+            self.lm_head = model.lm_head  # None when tied on a single stage: output_weight is the embedding
+        self.register_buffer("inv_freq", model.inv_freq, persistent=False)
+        self._backends: dict[tuple, str] = {}
+
+    @property
+    def output_weight(self) -> Tensor:
+        """(V, H) LM head matrix of the last stage, for the fused log-prob kernel."""
+        if not self.is_last:
+            raise RuntimeError(f"pipeline stage {self.pp_rank} of {self.pp} holds no LM head (only the last does)")
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    @property
+    def tied_weight(self) -> Tensor | None:
+        """This stage's copy of a tied embedding split across the first and last stage, else None."""
+        if self.cfg.tie_word_embeddings and self.pp > 1:
+            if self.is_first:
+                return self.embed_tokens.weight
+            if self.is_last:
+                return self.lm_head.weight
+        return None
+
+    def forward(self, x: Tensor, cu_seqlens: Tensor, positions: Tensor, max_seqlen: int | None = None) -> Tensor:
+        if self.embed_tokens is not None:
+            x = self.embed_tokens(x)
+        key = (x.device.type, x.dtype)
+        if key not in self._backends:
+            self._backends[key] = resolve_backend(self.cfg.attn_backend, x.device, x.dtype)
+        attn = VarlenAttention(cu_seqlens, self._backends[key], max_seqlen)
+        cos, sin = rope_tables(self.inv_freq, positions, x.dtype)
+        for layer in self.layers.values():
+            x = layer(x, cos, sin, attn)
+        return self.norm(x) if self.norm is not None else x
+
+
+# -- micro-batches and their metadata ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """One packed micro-batch: input_ids (N,), cu_seqlens (S + 1,), positions (N,), all int64."""
+
+    input_ids: Tensor
+    cu_seqlens: Tensor
+    positions: Tensor
+
+    @classmethod
+    def packed(cls, input_ids: Tensor, cu_seqlens: Tensor, positions: Tensor | None = None) -> "MicroBatch":
+        """Positions default to restarting at 0 in every sequence (the packed-training layout)."""
+        _check_ids(input_ids, cu_seqlens, "micro-batch")  # before the cast: a float cu_seqlens is an error
+        cu = cu_seqlens.to(torch.int64)
+        mb = cls(input_ids, cu, packed_positions(cu, input_ids.shape[0]) if positions is None else positions)
+        mb.check()
+        return mb
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def check(self, i: int | None = None) -> None:
+        """Raise ValueError, naming the sizes, unless the three tensors describe one packed batch."""
+        where = "micro-batch" if i is None else f"micro-batch {i}"
+        _check_ids(self.input_ids, self.cu_seqlens, where)
+        n = self.input_ids.shape[0]
+        if self.positions.shape != (n,):
+            raise ValueError(f"{where}: positions must be (N,) = ({n},), got {tuple(self.positions.shape)}")
+
+
+def _check_ids(ids: Tensor, cu: Tensor, where: str) -> None:
+    if ids.ndim != 1 or ids.shape[0] < 1 or ids.dtype.is_floating_point:
+        raise ValueError(f"{where}: input_ids must be a non-empty 1-D integer tensor (N,), got {tuple(ids.shape)} {ids.dtype}")
+    n = ids.shape[0]
+    if (cu.ndim != 1 or cu.numel() < 2 or cu.dtype.is_floating_point or int(cu[0]) != 0 or int(cu[-1]) != n
+            or bool((cu[1:] < cu[:-1]).any())):
+        raise ValueError(f"{where}: cu_seqlens must be (S + 1,) integers, non-decreasing from 0 to N = {n}; got "
+                         f"shape {tuple(cu.shape)} {cu.tolist()[:8]}")
+
+
+def _encode(mbs: Sequence[MicroBatch]) -> Tensor:
+    """[S_0..S_m-1, N_0..N_m-1, cu_0.., pos_0..] as one int64 tensor."""
+    sizes = [mb.cu_seqlens.numel() - 1 for mb in mbs] + [mb.num_tokens for mb in mbs]
+    dev = mbs[0].cu_seqlens.device
+    parts = [torch.tensor(sizes, dtype=torch.int64, device=dev)]
+    parts += [mb.cu_seqlens.to(torch.int64) for mb in mbs] + [mb.positions.to(torch.int64) for mb in mbs]
+    return torch.cat(parts)
+
+
+def _decode(meta: Tensor, m: int) -> list[tuple[int, Tensor, Tensor]]:
+    """Inverse of _encode: (N_i, cu_seqlens_i, positions_i) per micro-batch."""
+    sizes = meta[: 2 * m].tolist()
+    seqs, toks = sizes[:m], sizes[m:]
+    cus = torch.split(meta[2 * m: 2 * m + sum(seqs) + m], [s + 1 for s in seqs])
+    pos = torch.split(meta[2 * m + sum(seqs) + m:], toks)
+    return list(zip(toks, cus, pos))
+
+
+# -- point-to-point ----------------------------------------------------------------------------------
+
+
+class _Links:
+    """p2p with the neighbouring stages on the pp group (peers as global ranks, which P2POp takes)."""
+
+    def __init__(self, group: dist.ProcessGroup, pp_rank: int, pp: int):
+        if dist.get_world_size(group) != pp or dist.get_rank(group) != pp_rank:
+            raise ValueError(f"pp group has size {dist.get_world_size(group)} and this rank is {dist.get_rank(group)} "
+                             f"in it; the stage says pp_rank {pp_rank} of pp = {pp}")
+        self.group = group
+        self.prev = dist.get_global_rank(group, pp_rank - 1) if pp_rank > 0 else None
+        self.next = dist.get_global_rank(group, pp_rank + 1) if pp_rank < pp - 1 else None
+        self.first, self.last = dist.get_global_rank(group, 0), dist.get_global_rank(group, pp - 1)
+
+    def exchange(self, sends: Sequence[tuple[Tensor, int | None]], recvs: Sequence[tuple[Tensor, int | None]]) -> None:
+        """Post every send and receive (peer None: skipped) in one batch, then wait for all of them."""
+        ops = [dist.P2POp(dist.isend, t, p, self.group) for t, p in sends if p is not None]
+        ops += [dist.P2POp(dist.irecv, t, p, self.group) for t, p in recvs if p is not None]
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+
+
+def _share_metadata(links: _Links, stage: PipelineStage, mbs: Sequence[MicroBatch] | None,
+                    device: torch.device) -> list[tuple[int, Tensor, Tensor]]:
+    """Shapes before tensors: the first stage's micro-batch metadata, relayed down the chain."""
+    if stage.is_first:
+        if not mbs:
+            raise ValueError("one_f_one_b: the first stage needs at least one micro-batch")
+        for i, mb in enumerate(mbs):
+            mb.check(i)
+        meta = _encode(mbs).to(device)
+        header = torch.tensor([len(mbs), meta.numel()], dtype=torch.int64, device=device)
+    else:
+        header = torch.empty(2, dtype=torch.int64, device=device)
+        links.exchange([], [(header, links.prev)])
+        meta = torch.empty(int(header[1]), dtype=torch.int64, device=device)
+        links.exchange([], [(meta, links.prev)])
+    links.exchange([(header, links.next)], [])  # two steps, like the receiver: the header sizes the meta
+    links.exchange([(meta, links.next)], [])
+    out = _decode(meta, int(header[0]))
+    if mbs is not None and not stage.is_first:  # a rank that also loaded the data: it must agree
+        if len(mbs) != len(out) or any(mb.num_tokens != n or not torch.equal(mb.cu_seqlens.to(device), cu)
+                                       for mb, (n, cu, _) in zip(mbs, out)):
+            raise ValueError(f"pipeline stage {stage.pp_rank}: its micro-batches ({[mb.num_tokens for mb in mbs]} "
+                             f"tokens) differ from the first stage's ({[n for n, _, _ in out]} tokens)")
+    return out
+
+
+# -- 1F1B ------------------------------------------------------------------------------------------
+
+
+def one_f_one_b(stage: PipelineStage, micro_batches: Sequence[MicroBatch] | None,
+                loss_fn: Callable[[Tensor, int], Tensor] | None, pp_group: dist.ProcessGroup, *,
+                act_dtype: torch.dtype | None = None,
+                before_backward: Callable[[int, bool], None] | None = None) -> Tensor | None:
+    """Forward and backward of one optimizer step's micro-batches through the pipeline (1F1B).
+
+    micro_batches: required on the first stage; on another stage None, or the same list (then
+    checked against the first stage's). loss_fn(hidden (N_i, H), i) -> scalar: micro-batch i's
+    share of the globally normalised loss, called on the last stage only. act_dtype: dtype of the
+    activations on the wire (default: the stage's parameter dtype). before_backward(i, is_last):
+    called before each backward, e.g. to enable the data-parallel gradient reduction only for the
+    step's last backward (data.set_grad_sync).
+
+    Gradients accumulate into the stage's .grad; on return they are the step's complete gradients
+    (tied embedding copies summed). Returns the summed loss (detached) on the last stage, None elsewhere.
+    """
+    links = _Links(pp_group, stage.pp_rank, stage.pp)
+    if stage.is_last and loss_fn is None:
+        raise ValueError("one_f_one_b: the last stage needs a loss_fn")
+    param = next(stage.parameters())
+    device, dtype = param.device, act_dtype or param.dtype
+    tied = stage.tied_weight
+    if tied is not None and tied.grad is not None and bool(tied.grad.any()):
+        raise ValueError("one_f_one_b sums the tied embedding copies' gradients on return: call it once per "
+                         "optimizer step, with gradients zeroed (or None) before")
+    meta = _share_metadata(links, stage, micro_batches, device)
+    m, H = len(meta), stage.cfg.hidden_size
+    saved: list[tuple[Tensor | None, Tensor] | None] = [None] * m
+    total = torch.zeros((), dtype=torch.float32, device=device) if stage.is_last else None
+
+    def act(i: int) -> Tensor:  # receive buffer for micro-batch i's activation or gradient
+        return torch.empty(meta[i][0], H, dtype=dtype, device=device)
+
+    def recv_forward(i: int) -> Tensor | None:
+        if stage.is_first:
+            return None
+        x = act(i)
+        links.exchange([], [(x, links.prev)])
+        return x
+
+    def forward(i: int, x: Tensor | None) -> Tensor:
+        n, cu, pos = meta[i]
+        if stage.is_first:
+            x = micro_batches[i].input_ids.to(device)
+        else:
+            x.requires_grad_(True)
+        y = stage(x, cu, pos)
+        if stage.is_last:
+            y = loss_fn(y, i)
+            if y.ndim != 0:
+                raise ValueError(f"loss_fn must return a scalar, got shape {tuple(y.shape)} for micro-batch {i}")
+            total.add_(y.detach().float())
+        saved[i] = (None if stage.is_first else x, y)
+        return y
+
+    def backward(i: int, grad: Tensor | None) -> Tensor | None:
+        x, y = saved[i]
+        saved[i] = None  # free the activations as soon as the backward has consumed them
+        if before_backward is not None:
+            before_backward(i, i == m - 1)
+        torch.autograd.backward(y, grad_tensors=None if stage.is_last else grad)
+        return None if x is None else x.grad
+
+    send_next = links.next  # None on the last stage: the sends below become no-ops
+    warmup = min(stage.pp - 1 - stage.pp_rank, m)
+    for i in range(warmup):
+        y = forward(i, recv_forward(i))
+        links.exchange([(y.detach(), send_next)], [])
+    steady = m - warmup
+    x = recv_forward(warmup) if steady > 0 else None
+    for k in range(steady):
+        i = warmup + k  # forward micro-batch i, then backward micro-batch k
+        y = forward(i, x)
+        g = None if stage.is_last else act(k)
+        links.exchange([(y.detach(), send_next)], [(g, send_next)])
+        dx = backward(k, g)
+        if k == steady - 1:
+            links.exchange([(dx, links.prev)], [])
+        else:
+            x = None if stage.is_first else act(i + 1)
+            links.exchange([(dx, links.prev)], [(x, links.prev)])
+    for k in range(steady, m):
+        g = None if stage.is_last else act(k)
+        links.exchange([], [(g, send_next)])
+        links.exchange([(backward(k, g), links.prev)], [])
+    if tied is not None:
+        _sum_tied_grads(links, stage, tied)
+    return total
+
+
+def _sum_tied_grads(links: _Links, stage: PipelineStage, weight: Tensor) -> None:
+    """First and last stage swap their tied-embedding gradients and add the other's (works on the local
+    shard of an FSDP2 DTensor gradient too: both stages shard the (V, H) matrix the same way)."""
+    grad = weight.grad
+    if grad is None:
+        raise RuntimeError(f"pipeline stage {stage.pp_rank}: the tied embedding received no gradient")
+    local = grad.to_local() if hasattr(grad, "to_local") else grad
+    peer = links.last if stage.is_first else links.first
+    other = torch.empty_like(local)
+    links.exchange([(local.contiguous(), peer)], [(other, peer)])
+    local.add_(other)
