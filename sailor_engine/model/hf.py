@@ -139,8 +139,14 @@ def load_hf(path: str | Path, *, dtype: torch.dtype | None = None, device: torch
 
     `overrides` replace ModelConfig fields (e.g. attn_backend="flex").
     """
-    path = Path(path)
-    cfg_path = path / "config.json"
+    with torch.device("meta"):
+        model = Transformer(read_hf_config(path, **overrides))
+    return load_hf_weights(model, path, dtype=dtype, device=device)
+
+
+def read_hf_config(path: str | Path, **overrides) -> ModelConfig:
+    """ModelConfig of an HF directory's config.json, with ModelConfig fields replaced by `overrides`."""
+    cfg_path = Path(path) / "config.json"
     if not cfg_path.exists():
         raise FileNotFoundError(f"{cfg_path}: not found")
     cfg = config_from_hf(json.loads(cfg_path.read_text()), source=str(cfg_path))
@@ -148,9 +154,20 @@ def load_hf(path: str | Path, *, dtype: torch.dtype | None = None, device: torch
         import msgspec
 
         cfg = msgspec.structs.replace(cfg, **overrides)
-    with torch.device("meta"):
-        model = Transformer(cfg)
+    return cfg
+
+
+def load_hf_weights(model: Transformer, path: str | Path, *, dtype: torch.dtype | None = None,
+                    device: torch.device | str = "cpu", readers: dict | None = None) -> Transformer:
+    """Assign every parameter of `model` (typically built on the meta device) from the checkpoint.
+
+    readers: parameter name -> fn(safetensors slice) -> tensor, for parameters that take only part
+    of a checkpoint tensor (tensor-parallel shards read just their rows or columns); others are
+    read whole. Each tensor read must have the parameter's shape.
+    """
+    path = Path(path)
     files = _weight_files(path)
+    readers = readers or {}
     state = {}
     handles = {}
     try:
@@ -160,7 +177,8 @@ def load_hf(path: str | Path, *, dtype: torch.dtype | None = None, device: torch
                 raise KeyError(f"{path}: checkpoint has no tensor {key!r} (needed by {name})")
             if files[key] not in handles:
                 handles[files[key]] = safe_open(files[key], framework="pt")
-            t = handles[files[key]].get_tensor(key)
+            f = handles[files[key]]
+            t = readers[name](f.get_slice(key)) if name in readers else f.get_tensor(key)
             if tuple(t.shape) != tuple(param.shape):
                 raise ValueError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}, the config implies {tuple(param.shape)}")
             state[name] = t.to(device=device, dtype=dtype or t.dtype)

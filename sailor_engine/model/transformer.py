@@ -21,6 +21,7 @@ activation dtype), which is what makes fp32 logits agree to ~1e-6.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +91,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, **factory):
         super().__init__()
         d = cfg.dim_per_head
+        # head counts on this rank: the config's, until tensor parallelism shards them
         self.layer_idx, self.num_heads, self.num_kv_heads, self.head_dim = layer_idx, cfg.num_heads, cfg.num_kv_heads, d
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * d, bias=cfg.qkv_bias, **factory)
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * d, bias=cfg.qkv_bias, **factory)
@@ -152,6 +154,12 @@ class Transformer(nn.Module):
         # Not a checkpoint tensor: derived from the config, so it is rebuilt rather than loaded.
         self.register_buffer("inv_freq", rope_inv_freq(cfg, device=device if device != "meta" else None), persistent=False)
         self._backend_cache: dict[tuple, str] = {}
+        # Tensor-parallel hooks, set by model/parallelize.py: the kv heads this rank holds (its KV
+        # cache width), the vocab-parallel group that output_weight is sharded over (pass it to
+        # fused_linear_logprob as tp_group), and the (hidden, output_weight) -> full logits function.
+        self.num_kv_heads = cfg.num_kv_heads
+        self.tp_group = None
+        self.logits_fn: Callable[[Tensor, Tensor], Tensor] = F.linear
 
     # -- weights -------------------------------------------------------------------------------
     @property
@@ -215,11 +223,11 @@ class Transformer(nn.Module):
 
     def logits(self, hidden: Tensor) -> Tensor:
         """(..., H) -> (..., V) full-vocabulary logits. Training never calls this (fused kernel)."""
-        return F.linear(hidden, self.output_weight)
+        return self.logits_fn(hidden, self.output_weight)
 
     def new_kv_cache(self, num_slots: int, max_seq_len: int, *, dtype: torch.dtype | None = None) -> KVCache:
         p = self.embed_tokens.weight
-        return KVCache(self.cfg.num_layers, num_slots, max_seq_len, self.cfg.num_kv_heads, self.cfg.dim_per_head,
+        return KVCache(self.cfg.num_layers, num_slots, max_seq_len, self.num_kv_heads, self.cfg.dim_per_head,
                        dtype=dtype or p.dtype, device=p.device)
 
     def _run(self, input_ids: Tensor, positions: Tensor, attn) -> Tensor:

@@ -36,19 +36,27 @@ from .mappings import (copy_to_tp, gather_from_sp, gather_from_tp, reduce_from_t
 
 @dataclass(frozen=True)
 class Shard:
-    """This rank's block [start, stop) along `dim` of a full tensor."""
+    """This rank's block [start, stop) along `dim` of a full tensor whose size along `dim` is `size`."""
 
     dim: int
     start: int
     stop: int
+    size: int
 
     def take(self, full: Tensor) -> Tensor:
+        self._check(full.shape)
         return full.narrow(self.dim, self.start, self.stop - self.start)
 
     def read(self, sl) -> Tensor:
         """Read only this block from a safetensors slice (`safe_open(...).get_slice(key)`)."""
+        self._check(sl.get_shape())
         index = (slice(None),) * self.dim + (slice(self.start, self.stop),)
         return sl[index]
+
+    def _check(self, shape) -> None:
+        if len(shape) <= self.dim or shape[self.dim] != self.size:
+            raise ValueError(f"full tensor of shape {tuple(shape)} does not match the tp layout "
+                             f"(size {self.size} along dim {self.dim})")
 
 
 def _divide(total: int, parts: int, what: str) -> int:
@@ -86,7 +94,7 @@ class ColumnParallelLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(local, in_features, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(local, device=device, dtype=dtype)) if bias else None
-        rows = Shard(0, block * local, (block + 1) * local)
+        rows = Shard(0, block * local, (block + 1) * local, out_features)
         self.shards = {"weight": rows} | ({"bias": rows} if bias else {})
 
     def forward(self, x: Tensor) -> Tensor:
@@ -123,7 +131,7 @@ class RowParallelLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, local, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
-        self.shards = {"weight": Shard(1, rank * local, (rank + 1) * local)}  # the bias is replicated
+        self.shards = {"weight": Shard(1, rank * local, (rank + 1) * local, in_features)}  # the bias is replicated
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.input_is_parallel:
@@ -158,7 +166,7 @@ class VocabParallelEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.lo, self.hi = rank * local, (rank + 1) * local
         self.weight = nn.Parameter(torch.empty(local, embedding_dim, device=device, dtype=dtype))
-        self.shards = {"weight": Shard(0, self.lo, self.hi)}
+        self.shards = {"weight": Shard(0, self.lo, self.hi, num_embeddings)}
 
     def forward(self, ids: Tensor) -> Tensor:
         outside = (ids < self.lo) | (ids >= self.hi)
