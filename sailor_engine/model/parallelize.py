@@ -1,6 +1,7 @@
 """Tensor parallelism for the decoder: shard a Transformer over the tp axis, or load HF weights as shards.
 
     model = parallelize_tp(Transformer(cfg).init_weights(...), groups)   # shard a full model in place
+    model = parallelize_tp(model, groups, sequence_parallel=True)        # + Megatron sequence parallelism
     model = load_hf_tp("path/to/Qwen2.5-7B", groups, dtype=torch.bfloat16, device="cuda")  # read slices only
     hidden = model.forward_packed(ids, cu)                                 # (N, H), replicated over tp
     logp = fused_linear_logprob(hidden, model.output_weight, targets, tp_group=model.tp_group)
@@ -19,6 +20,7 @@ parallel/):
   training feeds `model.output_weight` with `tp_group=model.tp_group` to the fused log-prob kernel,
   so no rank ever holds (N, V) logits.
 - Norm gains, row-parallel biases and the final norm are replicated and receive whole grads.
+- Optional sequence parallelism (set_sequence_parallel): norms and residuals on token shards.
 
 Parameter names are unchanged (HF layout), so each rank's state dict is its shard of the HF one;
 `shard_plan(model)` says which block of which full tensor each parameter is.
@@ -52,16 +54,18 @@ def check_tp_layout(cfg, tp: int) -> None:
             raise ValueError(f"model.{field} ({getattr(cfg, field)}) is not divisible by the tensor-parallel size ({tp})")
 
 
-def parallelize_tp(model: Transformer, groups: ParallelGroups | dist.ProcessGroup) -> Transformer:
+def parallelize_tp(model: Transformer, groups: ParallelGroups | dist.ProcessGroup, *,
+                   sequence_parallel: bool = False) -> Transformer:
     """Shard `model` over the tp group in place and return it.
 
     Every rank passes the same full model (same weights); afterwards each holds only its shards.
     A model on the meta device stays on it (load_hf_tp then assigns the shards). tp = 1 is a no-op.
+    sequence_parallel: see set_sequence_parallel.
     """
     group = groups.tp if isinstance(groups, ParallelGroups) else groups
     tp = dist.get_world_size(group)
     if tp == 1:
-        return model
+        return set_sequence_parallel(model, sequence_parallel)  # refuses sequence_parallel=True
     if model.tp_group is not None:
         raise ValueError("parallelize_tp: the model is already tensor-parallel")
     cfg = model.cfg
@@ -78,25 +82,47 @@ def parallelize_tp(model: Transformer, groups: ParallelGroups | dist.ProcessGrou
 
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        _swap(layer, "input_layernorm", norm(layer.input_layernorm, enter=True))
-        _swap(layer, "post_attention_layernorm", norm(layer.post_attention_layernorm, enter=True))
+        _swap(layer, "input_layernorm", norm(layer.input_layernorm, role="enter"))
+        _swap(layer, "post_attention_layernorm", norm(layer.post_attention_layernorm, role="enter"))
         _swap(attn, "q_proj", column(cfg.num_heads * d, cfg.qkv_bias))
         _swap(attn, "k_proj", column(cfg.num_kv_heads * d, cfg.qkv_bias, replicas=kv_replicas))
         _swap(attn, "v_proj", column(cfg.num_kv_heads * d, cfg.qkv_bias, replicas=kv_replicas))
         _swap(attn, "o_proj", RowParallelLinear(cfg.num_heads * d, H, group=group, bias=cfg.o_bias, **like))
         if attn.q_norm is not None:
-            _swap(attn, "q_norm", norm(attn.q_norm, partial_grad=True))
-            _swap(attn, "k_norm", norm(attn.k_norm, partial_grad=True))
+            _swap(attn, "q_norm", norm(attn.q_norm, role="heads"))
+            _swap(attn, "k_norm", norm(attn.k_norm, role="heads"))
         attn.num_heads, attn.num_kv_heads = cfg.num_heads // tp, max(1, cfg.num_kv_heads // tp)
         _swap(mlp, "gate_proj", column(cfg.intermediate_size, cfg.mlp_bias))
         _swap(mlp, "up_proj", column(cfg.intermediate_size, cfg.mlp_bias))
         _swap(mlp, "down_proj", RowParallelLinear(cfg.intermediate_size, H, group=group, bias=cfg.mlp_bias, **like))
     _swap(model, "embed_tokens", VocabParallelEmbedding(cfg.vocab_size, H, group=group, **like))
+    _swap(model, "norm", norm(model.norm, role="final"))
     if model.lm_head is not None:  # untied: its own vocab shard (a column-parallel weight, no bias)
         _swap(model, "lm_head", ColumnParallelLinear(H, cfg.vocab_size, group=group, bias=False, **like))
     model.num_kv_heads = max(1, cfg.num_kv_heads // tp)
     model.tp_group = group
     model.logits_fn = partial(vocab_parallel_logits, group=group)
+    return set_sequence_parallel(model, sequence_parallel)
+
+
+def set_sequence_parallel(model: Transformer, enabled: bool) -> Transformer:
+    """Switch Megatron sequence parallelism on a tp model on or off (same parameters, same math).
+
+    On: between tp regions (norms, residual adds) each rank holds a token shard, dim 0 of the
+    activations split tp ways: the embedding and the row-parallel outputs reduce-scatter instead of
+    all-reducing, the block norms all-gather into the tp region, and the final norm gathers, so
+    forward_packed still returns (N, H) replicated. Activation memory outside attention and MLP
+    drops tp-fold for the same communication volume. Every forward's dim 0 (the tokens of a pack,
+    the batch of a padded forward) must then be a multiple of tp: pad packs accordingly. The
+    generator's batches are arbitrary, so switch it off around generation.
+    """
+    if model.tp_group is None:
+        if enabled:
+            raise ValueError("sequence parallelism needs a tensor-parallel model (parallelize_tp with tp > 1)")
+        return model
+    for m in model.modules():
+        if isinstance(m, (TPRMSNorm, RowParallelLinear, VocabParallelEmbedding)):
+            m.sequence_parallel = enabled
     return model
 
 

@@ -180,25 +180,36 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class TPRMSNorm(RMSNorm):
-    """RMSNorm for a tensor-parallel model, same parameter (`weight`) and numerics as RMSNorm.
+    """RMSNorm in a tensor-parallel model: same parameter (`weight`) and numerics, plus its place in
+    the tp dataflow, by role:
 
-    enter: the output enters a tp region once for all its consumers (copy_to_tp, or gather_from_sp
-    under sequence_parallel), so q/k/v or gate/up share a single backward all-reduce.
-    partial_grad: this rank normalises only part of the rows (a head shard for the Qwen3 q/k
-    norms, a token shard under sequence_parallel), so the weight grad is all-reduced over tp.
+    "heads"  the Qwen3 q/k norms: each rank normalises its own heads, so the weight grad is partial
+             and all-reduced over tp.
+    "enter"  a block's input norm: its output enters the tp region once for all its consumers
+             (copy_to_tp; gather_from_sp under sequence parallelism), so q/k/v or gate/up share one
+             backward all-reduce.
+    "final"  the final norm: output replicated (under sequence parallelism gathered with a split
+             backward, since both consumers, the fused log-prob and vocab_parallel_logits, already
+             leave the whole dH on every rank).
+    Under sequence parallelism "enter" and "final" see a token shard, so their weight grads are
+    partial too and all-reduced.
     """
 
-    def __init__(self, dim: int, eps: float, *, group: dist.ProcessGroup, enter: bool = False,
-                 partial_grad: bool = False, sequence_parallel: bool = False, device=None, dtype=None):
+    def __init__(self, dim: int, eps: float, *, group: dist.ProcessGroup, role: str,
+                 sequence_parallel: bool = False, device=None, dtype=None):
         super().__init__(dim, eps, device=device, dtype=dtype)
-        self.group, self.enter, self.partial_grad, self.sequence_parallel = group, enter, partial_grad, sequence_parallel
+        if role not in ("heads", "enter", "final"):
+            raise ValueError(f"TPRMSNorm role must be heads, enter or final, got {role!r}")
+        self.group, self.role, self.sequence_parallel = group, role, sequence_parallel
 
     def forward(self, x: Tensor) -> Tensor:
-        w = copy_to_tp(self.weight, self.group) if self.partial_grad else self.weight
-        y = rms_norm(x, w, self.eps)
-        if not self.enter:
-            return y
-        return gather_from_sp(y, self.group) if self.sequence_parallel else copy_to_tp(y, self.group)
+        partial = self.role == "heads" or self.sequence_parallel
+        y = rms_norm(x, copy_to_tp(self.weight, self.group) if partial else self.weight, self.eps)
+        if self.role == "enter":
+            return gather_from_sp(y, self.group) if self.sequence_parallel else copy_to_tp(y, self.group)
+        if self.role == "final" and self.sequence_parallel:
+            return gather_from_sp(y, self.group, reduce_grad=False)
+        return y
 
 
 class _SumOverReplicas(torch.autograd.Function):

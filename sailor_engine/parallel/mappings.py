@@ -60,7 +60,8 @@ def _gather(x: Tensor, dim: int, group: dist.ProcessGroup) -> Tensor:
 def _reduce_scatter(x: Tensor, group: dist.ProcessGroup) -> Tensor:
     world, n = _world(group), x.shape[0]
     if n % world:
-        raise ValueError(f"cannot reduce-scatter {n} tokens over {world} tp ranks: not divisible")
+        raise ValueError(f"cannot reduce-scatter {n} tokens over {world} tp ranks: not divisible "
+                         "(sequence parallelism needs dim 0 of every forward to be a multiple of the tp size)")
     out = x.new_empty((n // world, *x.shape[1:]))
     _reduce_scatter_single(out, x.contiguous(), group=group)
     return out

@@ -7,12 +7,14 @@ reference and shards a copy with parallelize_tp. Then:
 - padded forward: logits and the grads of a random linear loss of them;
 - packed forward: hidden states, the fused vocab-parallel log-prob, and every grad of its loss;
 - greedy generation with the Generator on the sharded model: the same tokens as single-process;
+- the same padded and packed checks with sequence parallelism switched on, then generation with it off;
 - load_hf_tp from a save_hf directory: every rank's parameters equal its slices of the full ones.
 Each parameter's grad is compared with its block of the full model's grad; replicated ones must also
 be bit-identical across ranks. Any mismatch raises.
 """
 
 import copy
+import math
 import sys
 import tempfile
 
@@ -20,8 +22,8 @@ import torch
 import torch.distributed as dist
 
 from sailor_engine.kernels.logprob import fused_linear_logprob
-from sailor_engine.model import ModelConfig, Transformer, save_hf
-from sailor_engine.model.parallelize import load_hf_tp, parallelize_tp, shard_plan
+from sailor_engine.model import ModelConfig, Transformer, hf, save_hf
+from sailor_engine.model.parallelize import load_hf_tp, parallelize_tp, set_sequence_parallel, shard_plan
 from sailor_engine.parallel.dims import ParallelDims
 from sailor_engine.rollout.generator import Generator, SamplingParams
 
@@ -89,14 +91,14 @@ def check_padded(tag, tp_model, ref, group):
     compare_grads(f"{tag} padded", tp_model, ref, group)
 
 
-def check_packed(tag, tp_model, ref, group):
+def check_packed(tag, tp_model, ref, group, n=17):
     gen = torch.Generator().manual_seed(2)
-    cu = torch.tensor([0, 5, 6, 17])
-    ids = torch.randint(0, V, (17,), generator=gen)
-    targets = torch.randint(0, V, (17,), generator=gen)
-    targets[[4, 5, 16]] = -100  # sequence ends: nothing to predict
+    cu = torch.tensor([0, 5, 6, n])
+    ids = torch.randint(0, V, (n,), generator=gen)
+    targets = torch.randint(0, V, (n,), generator=gen)
+    targets[[4, 5, n - 1]] = -100  # sequence ends: nothing to predict
     targets[0], targets[1] = 0, V // 2  # first row of each vocab shard
-    g = torch.randn(17, generator=gen)
+    g = torch.randn(n, generator=gen)
     outs = []
     for m in (tp_model, ref):
         hidden = m.forward_packed(ids, cu)
@@ -118,11 +120,59 @@ def check_generation(tag, tp_model, ref):
         close(f"{tag} generation logprobs", torch.tensor(a.logprobs), torch.tensor(b.logprobs))
 
 
+class SpyOpen:
+    """safe_open that records the shape of every tensor actually read from the file."""
+
+    reads: list = []
+
+    def __init__(self, *args, **kw):
+        self.f = _real_safe_open(*args, **kw)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def keys(self):
+        return self.f.keys()
+
+    def get_tensor(self, key):
+        t = self.f.get_tensor(key)
+        SpyOpen.reads.append(tuple(t.shape))
+        return t
+
+    def get_slice(self, key):
+        sl = self.f.get_slice(key)
+
+        class Slice:
+            def get_shape(_):
+                return sl.get_shape()
+
+            def __getitem__(_, index):
+                t = sl[index]
+                SpyOpen.reads.append(tuple(t.shape))
+                return t
+
+        return Slice()
+
+
+_real_safe_open = hf.safe_open
+
+
 def check_load_hf(tag, ref, groups, path):
     if groups.tp_rank == 0:
         save_hf(ref, path)
     dist.barrier()
-    model = load_hf_tp(path, groups)
+    SpyOpen.reads.clear()
+    hf.safe_open = SpyOpen
+    try:
+        model = load_hf_tp(path, groups)
+    finally:
+        hf.safe_open = _real_safe_open
+    # each rank read exactly its own parameters' elements: no full tensor of a sharded one
+    read = sum(math.prod(s) for s in SpyOpen.reads)
+    assert read == sum(p.numel() for p in model.parameters()), f"{tag}: read {read} elements from the files"
     full = dict(ref.named_parameters())
     plan = shard_plan(model)
     for name, p in model.named_parameters():
@@ -145,6 +195,19 @@ def main():
             check_padded(tag, tp_model, ref, groups.tp)
             check_packed(tag, tp_model, ref, groups.tp)
             check_generation(tag, tp_model, ref)
+            set_sequence_parallel(tp_model, True)  # token shards between tp regions: same numbers
+            check_padded(f"{tag} sp", tp_model, ref, groups.tp)  # batch 2: dim 0 splits over 2 ranks
+            check_packed(f"{tag} sp", tp_model, ref, groups.tp, n=18)
+            try:
+                check_packed(f"{tag} sp", tp_model, ref, groups.tp, n=17)
+            except ValueError as e:
+                assert "17 tokens over 2 tp ranks" in str(e), e
+            else:
+                raise AssertionError("sequence parallelism over an odd pack must fail")
+            for m in (tp_model, ref):
+                m.zero_grad(set_to_none=True)
+            set_sequence_parallel(tp_model, False)
+            check_generation(f"{tag} sp off", tp_model, ref)
             check_load_hf(tag, ref, groups, f"{obj[0]}/{tag}")
         dist.barrier()
     if groups.tp_rank == 0:
