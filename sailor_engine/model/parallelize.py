@@ -28,7 +28,6 @@ Parameter names are unchanged (HF layout), so each rank's state dict is its shar
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -38,7 +37,7 @@ from torch import nn
 from sailor_engine.model.hf import load_hf_weights, read_hf_config
 from sailor_engine.model.transformer import Transformer
 from sailor_engine.parallel.dims import ParallelGroups
-from sailor_engine.parallel.layers import (ColumnParallelLinear, RowParallelLinear, Shard, TPRMSNorm,
+from sailor_engine.parallel.layers import (ColumnParallelLinear, RowParallelLinear, Shard, SharedGroup, TPRMSNorm,
                                            VocabParallelEmbedding, vocab_parallel_logits)
 
 
@@ -100,8 +99,7 @@ def parallelize_tp(model: Transformer, groups: ParallelGroups | dist.ProcessGrou
     if model.lm_head is not None:  # untied: its own vocab shard (a column-parallel weight, no bias)
         _swap(model, "lm_head", ColumnParallelLinear(H, cfg.vocab_size, group=group, bias=False, **like))
     model.num_kv_heads = max(1, cfg.num_kv_heads // tp)
-    model.tp_group = group
-    model.logits_fn = partial(vocab_parallel_logits, group=group)
+    model.tp = TensorParallel(group)
     return set_sequence_parallel(model, sequence_parallel)
 
 
@@ -124,6 +122,17 @@ def set_sequence_parallel(model: Transformer, enabled: bool) -> Transformer:
         if isinstance(m, (TPRMSNorm, RowParallelLinear, VocabParallelEmbedding)):
             m.sequence_parallel = enabled
     return model
+
+
+class TensorParallel(SharedGroup):
+    """`model.tp` of a tensor-parallel Transformer: its group, and full logits from the vocab shard.
+
+    Shared, not copied, by copy.deepcopy (see SharedGroup)."""
+
+    __slots__ = ()
+
+    def logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_logits(hidden, weight, self.group)
 
 
 def shard_plan(model: nn.Module) -> dict[str, Shard]:

@@ -21,7 +21,6 @@ activation dtype), which is what makes fp32 logits agree to ~1e-6.
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -155,13 +154,17 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg, device=device if device != "meta" else None), persistent=False)
         self._backend_cache: dict[tuple, str] = {}
         # Tensor-parallel hooks, set by model/parallelize.py: the kv heads this rank holds (its KV
-        # cache width), the vocab-parallel group that output_weight is sharded over (pass it to
-        # fused_linear_logprob as tp_group), and the (hidden, output_weight) -> full logits function.
+        # cache width) and `tp`, an object with .group (the tp process group) and
+        # .logits(hidden, output_weight) -> full-vocabulary logits from this rank's vocab shard.
         self.num_kv_heads = cfg.num_kv_heads
-        self.tp_group = None
-        self.logits_fn: Callable[[Tensor, Tensor], Tensor] = F.linear
+        self.tp = None
 
     # -- weights -------------------------------------------------------------------------------
+    @property
+    def tp_group(self):
+        """The group output_weight is vocab-sharded over (fused_linear_logprob's tp_group), or None."""
+        return None if self.tp is None else self.tp.group
+
     @property
     def output_weight(self) -> Tensor:
         """(V, H): the LM head matrix (the embedding when tied), for the fused log-prob kernel."""
@@ -223,7 +226,9 @@ class Transformer(nn.Module):
 
     def logits(self, hidden: Tensor) -> Tensor:
         """(..., H) -> (..., V) full-vocabulary logits. Training never calls this (fused kernel)."""
-        return self.logits_fn(hidden, self.output_weight)
+        if self.tp is not None:
+            return self.tp.logits(hidden, self.output_weight)
+        return F.linear(hidden, self.output_weight)
 
     def new_kv_cache(self, num_slots: int, max_seq_len: int, *, dtype: torch.dtype | None = None) -> KVCache:
         p = self.embed_tokens.weight

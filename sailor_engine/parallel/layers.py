@@ -59,13 +59,33 @@ class Shard:
                              f"(size {self.size} along dim {self.dim})")
 
 
+class SharedGroup:
+    """A process group held by a module. copy.deepcopy of the module shares it rather than copying
+    it: a ProcessGroup cannot be copied, and a copy (a frozen reference policy, say) runs on the
+    same ranks."""
+
+    __slots__ = ("group",)
+
+    def __init__(self, group: dist.ProcessGroup):
+        self.group = group
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class _TPModule(nn.Module):
+    @property
+    def group(self) -> dist.ProcessGroup:
+        return self._group.group
+
+
 def _divide(total: int, parts: int, what: str) -> int:
     if total % parts:
         raise ValueError(f"{what} ({total}) is not divisible by the tensor-parallel size ({parts})")
     return total // parts
 
 
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(_TPModule):
     """y = x A^T + b with A split by rows (output features): rank r computes y[..., block r].
 
     x: (..., in_features) replicated (or a token shard under sequence_parallel) -> y: (..., out / tp),
@@ -89,7 +109,7 @@ class ColumnParallelLinear(nn.Module):
         blocks = world // replicas
         local = _divide(out_features, blocks, f"out_features of a column-parallel linear split {blocks} ways")
         block = rank // replicas
-        self.group, self.gather_output, self.replicas, self.block = group, gather_output, replicas, block
+        self._group, self.gather_output, self.replicas, self.block = SharedGroup(group), gather_output, replicas, block
         self.input_in_tp_region, self.sequence_parallel = input_in_tp_region, sequence_parallel
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(local, in_features, device=device, dtype=dtype))
@@ -112,7 +132,7 @@ class ColumnParallelLinear(nn.Module):
                 f"bias={self.bias is not None}, replicas={self.replicas}")
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_TPModule):
     """y = x A^T + b with A split by columns (input features): y = sum_r x_r A_r^T, then + b once.
 
     x: (..., in / tp) sharded (input_is_parallel) or (..., in) replicated -> y: (..., out) replicated,
@@ -127,7 +147,7 @@ class RowParallelLinear(nn.Module):
         if sequence_parallel and not input_is_parallel:
             raise ValueError("sequence_parallel needs input_is_parallel=True (as in Megatron)")
         local = _divide(in_features, world, "in_features of a row-parallel linear")
-        self.group, self.input_is_parallel, self.sequence_parallel = group, input_is_parallel, sequence_parallel
+        self._group, self.input_is_parallel, self.sequence_parallel = SharedGroup(group), input_is_parallel, sequence_parallel
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, local, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
@@ -149,7 +169,7 @@ class RowParallelLinear(nn.Module):
                 f"bias={self.bias is not None}")
 
 
-class VocabParallelEmbedding(nn.Module):
+class VocabParallelEmbedding(_TPModule):
     """Rows [r * V / tp, (r + 1) * V / tp) on rank r; ids elsewhere look up zeros, then all-reduce.
 
     ids: (...) global token ids, replicated -> (..., H) replicated (each id found on exactly one
@@ -162,7 +182,7 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         local = _divide(num_embeddings, world, "vocab_size of a vocab-parallel embedding")
-        self.group, self.sequence_parallel = group, sequence_parallel
+        self._group, self.sequence_parallel = SharedGroup(group), sequence_parallel
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.lo, self.hi = rank * local, (rank + 1) * local
         self.weight = nn.Parameter(torch.empty(local, embedding_dim, device=device, dtype=dtype))
@@ -179,7 +199,7 @@ class VocabParallelEmbedding(nn.Module):
         return f"{self.num_embeddings} (rows {self.lo}:{self.hi}), {self.embedding_dim}"
 
 
-class TPRMSNorm(RMSNorm):
+class TPRMSNorm(RMSNorm, _TPModule):
     """RMSNorm in a tensor-parallel model: same parameter (`weight`) and numerics, plus its place in
     the tp dataflow, by role:
 
@@ -200,7 +220,7 @@ class TPRMSNorm(RMSNorm):
         super().__init__(dim, eps, device=device, dtype=dtype)
         if role not in ("heads", "enter", "final"):
             raise ValueError(f"TPRMSNorm role must be heads, enter or final, got {role!r}")
-        self.group, self.role, self.sequence_parallel = group, role, sequence_parallel
+        self._group, self.role, self.sequence_parallel = SharedGroup(group), role, sequence_parallel
 
     def forward(self, x: Tensor) -> Tensor:
         partial = self.role == "heads" or self.sequence_parallel

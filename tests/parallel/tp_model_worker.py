@@ -7,6 +7,7 @@ reference and shards a copy with parallelize_tp. Then:
 - padded forward: logits and the grads of a random linear loss of them;
 - packed forward: hidden states, the fused vocab-parallel log-prob, and every grad of its loss;
 - greedy generation with the Generator on the sharded model: the same tokens as single-process;
+- a deep copy of the sharded model (a reference policy) shares the group and computes the same;
 - the same padded and packed checks with sequence parallelism switched on, then generation with it off;
 - load_hf_tp from a save_hf directory: every rank's parameters equal its slices of the full ones.
 Each parameter's grad is compared with its block of the full model's grad; replicated ones must also
@@ -160,6 +161,16 @@ class SpyOpen:
 _real_safe_open = hf.safe_open
 
 
+def check_deepcopy(tag, tp_model):
+    """A deep copy (a frozen reference policy) shares the group, not the parameters, and computes the same."""
+    twin = copy.deepcopy(tp_model)
+    assert twin.tp_group is tp_model.tp_group
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(twin.parameters(), tp_model.parameters()))
+    ids = torch.randint(0, V, (1, 6), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(twin(ids), tp_model(ids)), f"{tag}: the deep copy computes something else"
+
+
 def check_load_hf(tag, ref, groups, path):
     if groups.tp_rank == 0:
         save_hf(ref, path)
@@ -195,6 +206,7 @@ def main():
             check_padded(tag, tp_model, ref, groups.tp)
             check_packed(tag, tp_model, ref, groups.tp)
             check_generation(tag, tp_model, ref)
+            check_deepcopy(tag, tp_model)
             set_sequence_parallel(tp_model, True)  # token shards between tp regions: same numbers
             check_padded(f"{tag} sp", tp_model, ref, groups.tp)  # batch 2: dim 0 splits over 2 ranks
             check_packed(f"{tag} sp", tp_model, ref, groups.tp, n=18)
