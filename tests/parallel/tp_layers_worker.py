@@ -4,9 +4,12 @@ Launched by tests/parallel/test_tp_layers.py (2 gloo ranks, fp32). Every rank bu
 full weights and inputs from one seed, loads its shard into megatron-core's ColumnParallelLinear /
 RowParallelLinear and into ours, runs forward and backward with the same output grad, and compares
 outputs, input grads and weight / bias grads; the vocab-parallel log-prob is compared with
-megatron's vocab_parallel_cross_entropy (fed by a megatron column-parallel LM head). Then the
+megatron's vocab_parallel_cross_entropy (fed by a megatron column-parallel LM head), the
+vocab-parallel embedding with megatron's and with a plain lookup. Then the
 mappings are checked against their single-process meaning. Any mismatch raises.
 """
+
+import os
 
 import torch
 import torch.distributed as dist
@@ -14,6 +17,7 @@ from megatron.core import parallel_state
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear as MColumn
 from megatron.core.tensor_parallel import RowParallelLinear as MRow
+from megatron.core.tensor_parallel import VocabParallelEmbedding as MEmbedding
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 from sailor_engine.parallel import mappings as mp
@@ -107,7 +111,7 @@ def check_row(g, rank, input_is_parallel, bias):
         close(f"{tag} db", o.bias.grad, m.bias.grad)
 
 
-def check_vocab_logprob(g, rank):
+def check_vocab_logprob(g, rank, impl):
     """-log p from our fused vocab-parallel head == megatron's column-parallel head + vocab-parallel CE."""
     gen = torch.Generator().manual_seed(30)
     S, B, H, V = 7, 2, 16, 46
@@ -124,11 +128,11 @@ def check_vocab_logprob(g, rank):
     loss_m = vocab_parallel_cross_entropy(head(hm)[0], targets)
     (loss_m * gl).sum().backward()
     ho, wo = hidden.clone().requires_grad_(), shard.clone().requires_grad_()
-    loss_o = -vocab_parallel_logprob(ho, wo, targets, group=g, impl="torch")
+    loss_o = -vocab_parallel_logprob(ho, wo, targets, group=g, impl=impl)
     (loss_o * gl).sum().backward()
-    close("vocab logprob loss", loss_o, loss_m)
-    close("vocab logprob dH", ho.grad, hm.grad)
-    close("vocab logprob dW", wo.grad, head.weight.grad)
+    close(f"vocab logprob ({impl}) loss", loss_o, loss_m)
+    close(f"vocab logprob ({impl}) dH", ho.grad, hm.grad)
+    close(f"vocab logprob ({impl}) dW", wo.grad, head.weight.grad)
 
 
 def check_embedding(g, rank):
@@ -141,12 +145,17 @@ def check_embedding(g, rank):
     full = w.clone().requires_grad_()
     (torch.nn.functional.embedding(ids, full) * gy).sum().backward()
     emb = VocabParallelEmbedding(V, H, group=g)
+    m = MEmbedding(V, H, init_method=torch.nn.init.zeros_, config=mcore_config())
     with torch.no_grad():
         emb.weight.copy_(emb.shards["weight"].take(w))
-    y = emb(ids)
+        m.weight.copy_(emb.weight)
+    y, ym = emb(ids), m(ids)
     (y * gy).sum().backward()
+    (ym * gy).sum().backward()
     close("embedding y", y, torch.nn.functional.embedding(ids, w), atol=0.0)
     close("embedding dW", emb.weight.grad, emb.shards["weight"].take(full.grad), atol=0.0)
+    close("embedding y vs megatron", y, ym, atol=0.0)
+    close("embedding dW vs megatron", emb.weight.grad, m.weight.grad, atol=0.0)
 
 
 def check_mappings(g, rank):
@@ -198,7 +207,9 @@ def main():
     for input_is_parallel in (True, False):
         for bias in (False, True):
             check_row(g, rank, input_is_parallel, bias)
-    check_vocab_logprob(g, rank)
+    check_vocab_logprob(g, rank, "torch")
+    if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
+        check_vocab_logprob(g, rank, "triton")
     check_embedding(g, rank)
     check_mappings(g, rank)
     dist.barrier()
