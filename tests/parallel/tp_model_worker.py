@@ -119,6 +119,13 @@ def check_generation(tag, tp_model, ref):
     for a, b in zip(got, want):
         assert a.token_ids == b.token_ids, f"{tag} greedy tokens differ: {a.token_ids} vs {b.token_ids}"
         close(f"{tag} generation logprobs", torch.tensor(a.logprobs), torch.tensor(b.logprobs))
+    # sampling: every rank must draw the same tokens (they feed the next step on all ranks)
+    sampled = Generator(tp_model, max_batch=2, max_seq_len=32).generate(
+        prompts, SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=10, seed=7))
+    mine = [(c.token_ids, c.logprobs) for c in sampled]
+    every = [None] * dist.get_world_size(tp_model.tp_group)
+    dist.all_gather_object(every, mine, group=tp_model.tp_group)
+    assert all(x == every[0] for x in every), f"{tag}: ranks sampled different tokens"
 
 
 class SpyOpen:
