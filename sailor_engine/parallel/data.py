@@ -23,11 +23,17 @@ layer and then the root (embedding, final norm, LM head); its gradients are DTen
 (`.full_tensor()` gathers one). FSDP2 runs on CPU with gloo in torch 2.13 (reduce-scatter and
 all-gather over gloo), so both modes are tested there; under pipeline parallelism use FSDP2, since
 DDP decides at forward time whether a backward reduces and 1F1B interleaves forwards and backwards.
+
+FSDP2 all-gathers parameters in every forward and backward, so every dp rank must run the same
+number of micro-batches (their token counts may differ freely): `check_micro_batches` turns a
+mismatch into an error naming the counts instead of a hang. DDP only communicates in the last
+backward and accepts different counts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Iterator
 
 import torch
@@ -41,6 +47,10 @@ from sailor_engine.model.transformer import DecoderLayer
 from sailor_engine.rl.loss import LossNorm, aggregate
 
 MODES = ("fsdp", "ddp")
+# torch 2.13 renamed DDP's broadcast_buffers to forward_sync_buffers (and warns on the old name);
+# torch 2.11 (the GPU hosts) has only the old one. Detected once.
+_NO_BUFFER_SYNC = ("forward_sync_buffers" if "forward_sync_buffers" in
+                   inspect.signature(DistributedDataParallel.__init__).parameters else "broadcast_buffers")
 
 
 def data_parallel(module: nn.Module, dp_group: dist.ProcessGroup, *, mode: str = "fsdp",
@@ -58,7 +68,8 @@ def data_parallel(module: nn.Module, dp_group: dist.ProcessGroup, *, mode: str =
     if mode == "ddp":
         if mp_policy is not None:
             raise ValueError("mp_policy is an FSDP2 option; DDP trains in the module's own dtype")
-        ddp = DistributedDataParallel(module, process_group=dp_group, broadcast_buffers=False)
+        # No per-forward buffer broadcast: the only buffers (RoPE inv_freq) are derived from the config.
+        ddp = DistributedDataParallel(module, process_group=dp_group, **{_NO_BUFFER_SYNC: False})
         ddp.register_comm_hook(dp_group, _allreduce_sum)
         return ddp
     mesh = DeviceMesh.from_group(dp_group, device_type)
@@ -76,8 +87,21 @@ def data_parallel(module: nn.Module, dp_group: dist.ProcessGroup, *, mode: str =
     return module
 
 
-def _allreduce_sum(group: dist.ProcessGroup, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
-    """DDP comm hook: all-reduce the gradient bucket with SUM (DDP's default divides by the dp size)."""
+def check_micro_batches(count: int, dp_group: dist.ProcessGroup) -> None:
+    """Raise ValueError on every rank unless all dp ranks run `count` micro-batches (one small all_gather)."""
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(dp_group) == "nccl" else "cpu"
+    counts = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(dist.get_world_size(dp_group))]
+    dist.all_gather(counts, torch.tensor([count], dtype=torch.int64, device=dev), group=dp_group)
+    counts = [int(c) for c in counts]
+    if len(set(counts)) > 1:
+        raise ValueError(f"dp ranks run different numbers of micro-batches {counts}; FSDP2 gathers parameters "
+                         "in every forward and backward, so each rank must run the same number")
+
+
+def _allreduce_sum(group, bucket):
+    """DDP comm hook (group, GradBucket) -> Future[Tensor]: all-reduce the bucket with SUM (DDP's default
+    divides by the dp size). Unannotated: DDP checks the annotation object, and `from __future__ import
+    annotations` would hand it a string."""
     fut = dist.all_reduce(bucket.buffer(), group=group, async_op=True).get_future()
     return fut.then(lambda f: f.value()[0])
 

@@ -319,7 +319,7 @@ def one_f_one_b(stage: PipelineStage, micro_batches: Sequence[MicroBatch] | None
     meta = _share_metadata(links, stage, micro_batches, device)
     m, H = len(meta), stage.cfg.hidden_size
     saved: list[tuple[Tensor | None, Tensor] | None] = [None] * m
-    total = torch.zeros((), dtype=torch.float32, device=device) if stage.is_last else None
+    losses: list[Tensor] = []
 
     def act(i: int) -> Tensor:  # receive buffer for micro-batch i's activation or gradient
         return torch.empty(meta[i][0], H, dtype=dtype, device=device)
@@ -342,7 +342,7 @@ def one_f_one_b(stage: PipelineStage, micro_batches: Sequence[MicroBatch] | None
             y = loss_fn(y, i)
             if y.ndim != 0:
                 raise ValueError(f"loss_fn must return a scalar, got shape {tuple(y.shape)} for micro-batch {i}")
-            total.add_(y.detach().float())
+            losses.append(y.detach())
         saved[i] = (None if stage.is_first else x, y)
         return y
 
@@ -378,7 +378,10 @@ def one_f_one_b(stage: PipelineStage, micro_batches: Sequence[MicroBatch] | None
         links.exchange([(backward(k, g), links.prev)], [])
     if tied is not None:
         _sum_tied_grads(links, stage, tied)
-    return total
+    if not stage.is_last:
+        return None
+    # summed in fp64 (m terms), returned in the loss's own dtype
+    return torch.stack(losses).sum(dtype=torch.float64).to(losses[0].dtype)
 
 
 def _sum_tied_grads(links: _Links, stage: PipelineStage, weight: Tensor) -> None:
