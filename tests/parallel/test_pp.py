@@ -1,5 +1,5 @@
-"""Pipeline parallelism: the stage partition, stages chained in one process, input checks, and pp=2
-1F1B under torchrun (gloo) against the single-process model."""
+"""Pipeline parallelism: the stage partition, stages chained in one process, input checks, and under
+torchrun (gloo) pp=2 1F1B, and pp=2 x dp=2 with FSDP2 stages, against the single-process model."""
 
 import itertools
 import random
@@ -99,3 +99,9 @@ def test_bad_inputs_name_the_sizes():
 def test_pp2_one_f_one_b_matches_single_process(run_workers):
     out = run_workers(Path(__file__).with_name("pp_worker.py"))
     assert "pp matches single process" in out, out
+
+
+@pytest.mark.dist
+def test_pp2_dp2_fsdp_matches_single_process(run_workers):
+    out = run_workers(Path(__file__).with_name("pp_dp_worker.py"), nproc=4)
+    assert "pp x dp matches single process" in out, out
