@@ -54,3 +54,24 @@ def test_config_mismatch_names_the_field(tmp_path):
     other = Transformer(msgspec.structs.replace(CFG, rms_norm_eps=1e-5))
     with pytest.raises(ValueError, match="differs from the model's in rms_norm_eps"):
         ckpt.load_checkpoint(other, tmp_path)
+
+
+def test_optimizer_round_trip_and_refusals(tmp_path):
+    ref = model(0)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    ref(torch.tensor([[1, 2, 3]])).sum().backward()
+    opt.step()
+    ckpt.save_checkpoint(ref, tmp_path / "with", optimizer=opt, extra={"step": 1})
+    ckpt.save_checkpoint(ref, tmp_path / "without")
+    other = model(1)
+    opt2 = torch.optim.SGD(other.parameters(), lr=0.5, momentum=0.9)
+    ckpt.load_checkpoint(other, tmp_path / "with", optimizer=opt2)
+    assert opt2.param_groups[0]["lr"] == 0.1 and ckpt.read_manifest(tmp_path / "with")["extra"] == {"step": 1}
+    for p, q in zip(ref.parameters(), other.parameters()):
+        assert torch.equal(opt.state[p]["momentum_buffer"], opt2.state[q]["momentum_buffer"])
+    with pytest.raises(ValueError, match="holds no optimizer state"):
+        ckpt.load_checkpoint(other, tmp_path / "without", optimizer=opt2)
+    stray = torch.optim.SGD([torch.nn.Parameter(torch.zeros(3))], lr=0.1)
+    with pytest.raises(ValueError, match=r"optimizer holds a tensor \(3,\) that is not a parameter of the model"):
+        ckpt.save_checkpoint(ref, tmp_path / "stray", optimizer=stray)
+    assert not (tmp_path / "stray").exists()  # refused before touching the disk
