@@ -5,8 +5,9 @@ full weights and inputs from one seed, loads its shard into megatron-core's Colu
 RowParallelLinear and into ours, runs forward and backward with the same output grad, and compares
 outputs, input grads and weight / bias grads; the vocab-parallel log-prob is compared with
 megatron's vocab_parallel_cross_entropy (fed by a megatron column-parallel LM head), the
-vocab-parallel embedding with megatron's and with a plain lookup. Then the
-mappings are checked against their single-process meaning. Any mismatch raises.
+vocab-parallel embedding with megatron's and with a plain lookup. Then sequence-parallel layers
+against the same layers on replicated tokens (megatron-core's sequence-parallel path allocates on
+CUDA), and the mappings against their single-process meaning. Any mismatch raises.
 """
 
 import os
@@ -158,6 +159,34 @@ def check_embedding(g, rank):
     close("embedding dW vs megatron", emb.weight.grad, m.weight.grad, atol=0.0)
 
 
+def check_sequence_parallel(g, rank):
+    """A column -> row pair on token shards (gather in, reduce-scatter out) equals the same pair on
+    replicated tokens, restricted to this rank's tokens: outputs and every grad."""
+    gen = torch.Generator().manual_seed(60)
+    N, H, F = 6, 8, 12
+    w1, b1, w2, b2 = (torch.randn(F, H, generator=gen), torch.randn(F, generator=gen),
+                      torch.randn(H, F, generator=gen), torch.randn(H, generator=gen))
+    x, gy = torch.randn(N, H, generator=gen), torch.randn(N, H, generator=gen)
+    outs = []
+    for sp in (False, True):
+        col = ColumnParallelLinear(H, F, group=g, sequence_parallel=sp)
+        row = RowParallelLinear(F, H, group=g, sequence_parallel=sp)
+        with torch.no_grad():
+            col.weight.copy_(col.shards["weight"].take(w1))
+            col.bias.copy_(col.shards["bias"].take(b1))
+            row.weight.copy_(row.shards["weight"].take(w2))
+            row.bias.copy_(b2)
+        xi = (x.chunk(2)[rank] if sp else x).clone().requires_grad_()
+        y = row(torch.relu(col(xi)))
+        (y * (gy.chunk(2)[rank] if sp else gy)).sum().backward()
+        outs.append((y, xi.grad, col.weight.grad, col.bias.grad, row.weight.grad, row.bias.grad))
+    (y, dx, *grads), (y_sp, dx_sp, *grads_sp) = outs
+    close("sp pair y", y_sp, y.chunk(2)[rank], atol=1e-6)
+    close("sp pair dx", dx_sp, dx.chunk(2)[rank], atol=1e-6)
+    for name, a, b in zip(("dW1", "db1", "dW2", "db2"), grads_sp, grads):
+        close(f"sp pair {name}", a, b, atol=1e-5)
+
+
 def check_mappings(g, rank):
     """Each mapping's forward and backward against what it means on the concatenated tensors."""
     gen = torch.Generator().manual_seed(50)
@@ -211,6 +240,7 @@ def main():
     if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
         check_vocab_logprob(g, rank, "triton")
     check_embedding(g, rank)
+    check_sequence_parallel(g, rank)
     check_mappings(g, rank)
     dist.barrier()
     if rank == 0:
