@@ -54,7 +54,7 @@ def _gather(x: Tensor, dim: int, group: dist.ProcessGroup) -> Tensor:
     x = x.movedim(dim, 0).contiguous()
     out = x.new_empty((world * x.shape[0], *x.shape[1:]))
     _all_gather_single(out, x, group=group)
-    return out.movedim(0, dim)
+    return out if dim == 0 else out.movedim(0, dim).contiguous()
 
 
 def _reduce_scatter(x: Tensor, group: dist.ProcessGroup) -> Tensor:
