@@ -1,10 +1,11 @@
-"""Pipeline parallelism: a balanced partition of the decoder into stages and a 1F1B schedule over
-micro-batches of packed varlen sequences.
+"""Pipeline parallelism: a balanced partition of the decoder into stages, a 1F1B schedule over
+micro-batches of packed varlen sequences, and pipelined decode.
 
     ranges = stage_layers(model.cfg, dims.pp)                        # one range of layers per stage
     stage = PipelineStage(model, ranges[groups.pp_rank], groups.pp_rank, dims.pp)
     mbs = [MicroBatch.packed(b.input_ids, b.cu_seqlens) for b in packed]   # first stage (others may pass None)
     loss = one_f_one_b(stage, mbs, loss_fn, groups.pp)               # loss_fn(hidden, i) on the last stage
+    outs = pipelined_decode(stage, prompts, groups.pp, max_new_tokens=256, num_groups=2 * dims.pp)
 
 Partition. Every piece is costed by its parameter count: a decoder layer's matmuls cost 2 FLOPs per
 parameter per token, the LM head's likewise (2*V*H), and weights, gradients and optimizer state
@@ -40,15 +41,15 @@ share of the step's loss, normalised by global counts of the whole step (e.g. `r
 data.py, `rl_loss` in rl/loss.py with `global_norm`), so the summed micro-batch losses equal the
 full-batch loss and the accumulated gradients equal the full-batch gradients. No rescaling here.
 
-Pipelined decode (design; not built yet). The generator would run `forward_cached` split by stage:
-each stage owns the KV cache of its layers only (a `KVCache` of len(layers) layers, addressed with
-layer_idx - layers.start), and the generator's active slots are cut into k >= P groups. Every
-tick, stage s runs the group it received from s - 1 (hidden (n, H) plus cu_seqlens / slots /
-positions, the same metadata exchange as above), sends its output on, and the last stage samples
-the next token of its group and sends the ids (n,) back to the first stage, which embeds them at
-the following tick. With k >= P groups in flight no stage idles; each group advances one token per
-P ticks. A finished or parked (tool call) sequence leaves its group at the first stage, which also
-admits new prompts; only the first and last stage need the tokenizer and sampler.
+Pipelined decode. `pipelined_decode` generates with the stages passing hidden states: each stage
+caches its own layers (`PipelineStage.new_kv_cache`, indexed layer_idx - layers.start), the prompts
+are dealt into k groups, and the first stage emits group after group without waiting, so with
+k >= pp every stage has work (a group advances one token per pass through the pipe). The last
+stage picks tokens (greedy, or any sampler given) and sends them back to the first, which retires
+finished sequences and re-emits the rest of the group. Not yet wired into rollout.Generator: its
+continuous batching (admitting new prompts, parking a session at a tool call and resuming with
+only the appended tokens) would replace the fixed groups here; the per-item metadata (cu_seqlens,
+slots) already carries arbitrary chunk lengths, so prefill of a resumed session is the same message.
 """
 
 from __future__ import annotations
@@ -58,9 +59,10 @@ from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sailor_engine.model.attention import VarlenAttention, resolve_backend
+from sailor_engine.model.attention import CachedAttention, KVCache, VarlenAttention, resolve_backend
 from sailor_engine.model.config import ModelConfig
 from sailor_engine.model.transformer import DecoderLayer, Transformer, packed_positions, rope_tables
 
@@ -165,12 +167,29 @@ class PipelineStage(nn.Module):
         return None
 
     def forward(self, x: Tensor, cu_seqlens: Tensor, positions: Tensor, max_seqlen: int | None = None) -> Tensor:
+        dtype = x.dtype if self.embed_tokens is None else self.embed_tokens.weight.dtype  # of the activations
+        key = (x.device.type, dtype)
+        if key not in self._backends:
+            self._backends[key] = resolve_backend(self.cfg.attn_backend, x.device, dtype)
+        return self._run(x, positions, VarlenAttention(cu_seqlens, self._backends[key], max_seqlen))
+
+    def forward_cached(self, x: Tensor, cu_seqlens: Tensor, cache: KVCache, slots: Tensor) -> Tensor:
+        """Append packed new tokens (N,) of S sequences to cache rows `slots` (S,), like the model's
+        forward_cached; `cache` holds this stage's layers only (`new_kv_cache`)."""
+        attn = CachedAttention(cache, cu_seqlens, slots)
+        start = self.layer_range.start
+        out = self._run(x, attn.positions, lambda layer, q, k, v: attn(layer - start, q, k, v))
+        attn.commit()
+        return out
+
+    def new_kv_cache(self, num_slots: int, max_seq_len: int, *, dtype: torch.dtype | None = None) -> KVCache:
+        p = next(self.parameters())
+        return KVCache(len(self.layers), num_slots, max_seq_len, self.cfg.num_kv_heads, self.cfg.dim_per_head,
+                       dtype=dtype or p.dtype, device=p.device)
+
+    def _run(self, x: Tensor, positions: Tensor, attn) -> Tensor:
         if self.embed_tokens is not None:
             x = self.embed_tokens(x)
-        key = (x.device.type, x.dtype)
-        if key not in self._backends:
-            self._backends[key] = resolve_backend(self.cfg.attn_backend, x.device, x.dtype)
-        attn = VarlenAttention(cu_seqlens, self._backends[key], max_seqlen)
         cos, sin = rope_tables(self.inv_freq, positions, x.dtype)
         for layer in self.layers.values():
             x = layer(x, cos, sin, attn)
@@ -395,3 +414,119 @@ def _sum_tied_grads(links: _Links, stage: PipelineStage, weight: Tensor) -> None
     other = torch.empty_like(local)
     links.exchange([(local.contiguous(), peer)], [(other, peer)])
     local.add_(other)
+
+
+# -- pipelined decode ------------------------------------------------------------------------------
+
+
+def greedy(logits: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
+    """logits (R, V) fp32 -> argmax tokens (R,) and their log-probs z_t - logsumexp(z) (R,), as the Generator."""
+    tokens = logits.argmax(-1)
+    return tokens, logits.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(logits, -1)
+
+
+@torch.inference_mode()
+def pipelined_decode(stage: PipelineStage, prompts: Sequence[Sequence[int]] | None, pp_group: dist.ProcessGroup, *,
+                     max_new_tokens: int, num_groups: int, stop_token_ids: Sequence[int] = (),
+                     sampler: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] = greedy,
+                     act_dtype: torch.dtype | None = None) -> list[tuple[list[int], list[float]]] | None:
+    """Generate up to max_new_tokens per prompt with the stages passing hidden states, num_groups in flight.
+
+    prompts: token ids, on the first stage (None elsewhere). The prompts are dealt round-robin into
+    num_groups groups (>= pp keeps every stage busy); each stage caches its own layers. The first
+    stage emits a group's chunk (its prompts, then one token per live sequence) and moves on to the
+    next group; the last stage picks the next token of each sequence with
+    sampler(logits (R, V) fp32, slots (R,) = prompt indices) -> (tokens (R,), log-probs (R,)) and
+    sends them back to the first stage, which drops sequences that emitted a stop token (kept in the
+    output) or reached max_new_tokens, and re-emits the group. Sends are asynchronous and receives
+    happen in emission order, so no stage waits on one that waits on it.
+    Returns [(token_ids, logprobs)] per prompt on the first stage, None elsewhere.
+    """
+    links = _Links(pp_group, stage.pp_rank, stage.pp)
+    p = next(stage.parameters())
+    device, dtype, H = p.device, act_dtype or p.dtype, stage.cfg.hidden_size
+    sends: list = []
+
+    def send(tensors: Sequence[Tensor], peer: int) -> None:
+        sends[:] = [w for w in sends if not w.is_completed()]  # a pending send keeps its tensor alive
+        sends.extend(dist.isend(t, peer, group=pp_group) for t in tensors)
+
+    def recv(shape: tuple[int, ...], dt: torch.dtype, peer: int) -> Tensor:
+        t = torch.empty(shape, dtype=dt, device=device)
+        dist.recv(t, peer, group=pp_group)
+        return t
+
+    def next_tokens(hidden: Tensor, cu: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
+        logits = F.linear(hidden[cu[1:] - 1], stage.output_weight).float()  # last position of each chunk
+        return sampler(logits, slots)
+
+    if stage.is_first:
+        if not prompts or any(len(q) < 1 for q in prompts) or max_new_tokens < 1 or num_groups < 1:
+            raise ValueError(f"pipelined_decode: needs non-empty prompts ({len(prompts or [])} given, lengths "
+                             f"{[len(q) for q in prompts or []][:8]}), max_new_tokens >= 1 (got {max_new_tokens}) "
+                             f"and num_groups >= 1 (got {num_groups})")
+        setup = torch.tensor([len(prompts), max(map(len, prompts)) + max_new_tokens], device=device)
+    else:
+        setup = recv((2,), torch.int64, links.prev)
+    if links.next is not None:
+        send([setup], links.next)
+    cache = stage.new_kv_cache(int(setup[0]), int(setup[1]), dtype=dtype)
+
+    if not stage.is_first:  # relay (middle) or pick tokens (last) until the first stage's end marker
+        while True:
+            header = recv((2,), torch.int64, links.prev)
+            n, s = header.tolist()
+            if n < 0:
+                if links.next is not None:
+                    send([header], links.next)
+                break
+            meta = recv((2 * s + 1,), torch.int64, links.prev)
+            cu, slots = meta[: s + 1], meta[s + 1:]
+            h = stage.forward_cached(recv((n, H), dtype, links.prev), cu, cache, slots)
+            if stage.is_last:
+                tokens, logps = next_tokens(h, cu, slots)
+                send([tokens.to(torch.int64), logps.float()], links.first)
+            else:
+                send([header, meta, h], links.next)
+        for w in sends:
+            w.wait()
+        return None
+
+    R = len(prompts)
+    out: list[tuple[list[int], list[float]]] = [([], []) for _ in range(R)]
+    ready = [list(range(j, R, num_groups)) for j in range(min(num_groups, R))]  # groups to emit
+    in_flight: list[list[int]] = []  # emitted groups, in emission order (= the order results come back)
+    local: list[tuple[Tensor, Tensor]] = []  # results when the first stage is also the last (pp = 1)
+    while ready or in_flight:
+        if ready:  # emit every ready group before waiting: that is what keeps the stages busy
+            group = ready.pop(0)
+            chunks = [list(prompts[r]) if not out[r][0] else out[r][0][-1:] for r in group]
+            ids = torch.tensor([t for c in chunks for t in c], dtype=torch.int64, device=device)
+            lens = torch.tensor([0] + [len(c) for c in chunks], dtype=torch.int64, device=device)
+            cu, slots = lens.cumsum(0), torch.tensor(group, dtype=torch.int64, device=device)
+            h = stage.forward_cached(ids, cu, cache, slots)
+            if stage.is_last:
+                local.append(next_tokens(h, cu, slots))
+            else:
+                header = torch.tensor([ids.numel(), len(group)], dtype=torch.int64, device=device)
+                send([header, torch.cat([cu, slots]), h], links.next)
+            in_flight.append(group)
+            continue
+        group = in_flight.pop(0)
+        if stage.is_last:
+            tokens, logps = local.pop(0)
+        else:
+            tokens, logps = recv((len(group),), torch.int64, links.last), recv((len(group),), torch.float32, links.last)
+        live = []
+        for r, t, lp in zip(group, tokens.tolist(), logps.tolist()):
+            out[r][0].append(t)
+            out[r][1].append(lp)
+            if t not in stop_token_ids and len(out[r][0]) < max_new_tokens:
+                live.append(r)
+        if live:
+            ready.append(live)
+    if links.next is not None:
+        send([torch.tensor([-1, 0], dtype=torch.int64, device=device)], links.next)
+    for w in sends:
+        w.wait()
+    return out

@@ -12,7 +12,6 @@ over the whole global batch. Prints the worst errors on global rank 0.
 from __future__ import annotations
 
 import copy
-import itertools
 import sys
 
 import torch

@@ -1,5 +1,6 @@
 """Pipeline parallelism: the stage partition, stages chained in one process, input checks, and under
-torchrun (gloo) pp=2 1F1B, and pp=2 x dp=2 with FSDP2 stages, against the single-process model."""
+torchrun (gloo) pp=2 1F1B, pp=2 x dp=2 with FSDP2 stages, and pipelined decode, against the
+single-process model and Generator."""
 
 import itertools
 import random
@@ -105,3 +106,9 @@ def test_pp2_one_f_one_b_matches_single_process(run_workers):
 def test_pp2_dp2_fsdp_matches_single_process(run_workers):
     out = run_workers(Path(__file__).with_name("pp_dp_worker.py"), nproc=4)
     assert "pp x dp matches single process" in out, out
+
+
+@pytest.mark.dist
+def test_pipelined_decode_matches_the_generator(run_workers):
+    out = run_workers(Path(__file__).with_name("pp_decode_worker.py"))
+    assert "pipelined decode matches the generator" in out, out
