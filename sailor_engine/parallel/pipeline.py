@@ -31,10 +31,10 @@ a + b == b + a in floating point, so the copies stay bit-identical under the sam
 Schedule (1F1B, PipeDream-flush). Stage s of P runs min(P - 1 - s, m) warm-up forwards, then
 alternates one forward and one backward, then drains the remaining backwards, so it never holds
 more than P - s micro-batches of activations, whatever m. Micro-batches of packed sequences differ
-in N, so shapes travel before tensors: once per step, before any activation, the first stage sends
-every micro-batch's metadata (sizes, cu_seqlens and positions, int64) down the chain, and each
-stage forwards it. After that every activation (N_i, H) and gradient (N_i, H) has a known shape,
-and simultaneous send/receive pairs go through one `dist.batch_isend_irecv` (no ordering deadlock).
+in N, so shapes travel before tensors: once per step, before any activation, the first stage
+broadcasts every micro-batch's metadata (sizes, cu_seqlens and positions, int64) over the pp group.
+After that every activation (N_i, H) and gradient (N_i, H) has a known shape, and simultaneous
+send/receive pairs go through one `dist.batch_isend_irecv` (no ordering deadlock).
 
 Loss. `loss_fn(hidden, i)` runs on the last stage for micro-batch i and returns that micro-batch's
 share of the step's loss, normalised by global counts of the whole step (e.g. `rft_loss` in
@@ -231,7 +231,8 @@ class MicroBatch:
 
 def _check_ids(ids: Tensor, cu: Tensor, where: str) -> None:
     if ids.ndim != 1 or ids.shape[0] < 1 or ids.dtype.is_floating_point:
-        raise ValueError(f"{where}: input_ids must be a non-empty 1-D integer tensor (N,), got {tuple(ids.shape)} {ids.dtype}")
+        raise ValueError(f"{where}: input_ids must be a non-empty 1-D integer tensor (N,), "
+                         f"got {tuple(ids.shape)} {ids.dtype}")
     n = ids.shape[0]
     if (cu.ndim != 1 or cu.numel() < 2 or cu.dtype.is_floating_point or int(cu[0]) != 0 or int(cu[-1]) != n
             or bool((cu[1:] < cu[:-1]).any())):
@@ -283,7 +284,11 @@ class _Links:
 
 def _share_metadata(links: _Links, stage: PipelineStage, mbs: Sequence[MicroBatch] | None,
                     device: torch.device) -> list[tuple[int, Tensor, Tensor]]:
-    """Shapes before tensors: the first stage's micro-batch metadata, relayed down the chain."""
+    """Shapes before tensors: the first stage broadcasts every micro-batch's metadata over the pp group.
+
+    A collective, not a relay: log(P) latency, and under NCCL it also creates the group's
+    communicator with every rank present before the first point-to-point call (which NCCL requires).
+    """
     if stage.is_first:
         if not mbs:
             raise ValueError("one_f_one_b: the first stage needs at least one micro-batch")
@@ -293,11 +298,10 @@ def _share_metadata(links: _Links, stage: PipelineStage, mbs: Sequence[MicroBatc
         header = torch.tensor([len(mbs), meta.numel()], dtype=torch.int64, device=device)
     else:
         header = torch.empty(2, dtype=torch.int64, device=device)
-        links.exchange([], [(header, links.prev)])
+    dist.broadcast(header, links.first, group=links.group)
+    if not stage.is_first:
         meta = torch.empty(int(header[1]), dtype=torch.int64, device=device)
-        links.exchange([], [(meta, links.prev)])
-    links.exchange([(header, links.next)], [])  # two steps, like the receiver: the header sizes the meta
-    links.exchange([(meta, links.next)], [])
+    dist.broadcast(meta, links.first, group=links.group)
     out = _decode(meta, int(header[0]))
     if mbs is not None and not stage.is_first:  # a rank that also loaded the data: it must agree
         if len(mbs) != len(out) or any(mb.num_tokens != n or not torch.equal(mb.cu_seqlens.to(device), cu)
@@ -332,7 +336,7 @@ def one_f_one_b(stage: PipelineStage, micro_batches: Sequence[MicroBatch] | None
     param = next(stage.parameters())
     device, dtype = param.device, act_dtype or param.dtype
     tied = stage.tied_weight
-    if tied is not None and tied.grad is not None and bool(tied.grad.any()):
+    if tied is not None and tied.grad is not None and bool(_local(tied.grad).any()):
         raise ValueError("one_f_one_b sums the tied embedding copies' gradients on return: call it once per "
                          "optimizer step, with gradients zeroed (or None) before")
     meta = _share_metadata(links, stage, micro_batches, device)
@@ -351,7 +355,7 @@ def one_f_one_b(stage: PipelineStage, micro_batches: Sequence[MicroBatch] | None
         return x
 
     def forward(i: int, x: Tensor | None) -> Tensor:
-        n, cu, pos = meta[i]
+        _, cu, pos = meta[i]
         if stage.is_first:
             x = micro_batches[i].input_ids.to(device)
         else:
@@ -406,14 +410,18 @@ def one_f_one_b(stage: PipelineStage, micro_batches: Sequence[MicroBatch] | None
 def _sum_tied_grads(links: _Links, stage: PipelineStage, weight: Tensor) -> None:
     """First and last stage swap their tied-embedding gradients and add the other's (works on the local
     shard of an FSDP2 DTensor gradient too: both stages shard the (V, H) matrix the same way)."""
-    grad = weight.grad
-    if grad is None:
+    if weight.grad is None:
         raise RuntimeError(f"pipeline stage {stage.pp_rank}: the tied embedding received no gradient")
-    local = grad.to_local() if hasattr(grad, "to_local") else grad
+    local = _local(weight.grad)
     peer = links.last if stage.is_first else links.first
     other = torch.empty_like(local)
     links.exchange([(local.contiguous(), peer)], [(other, peer)])
     local.add_(other)
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's shard of an FSDP2 DTensor (no communication), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 # -- pipelined decode ------------------------------------------------------------------------------
@@ -467,9 +475,8 @@ def pipelined_decode(stage: PipelineStage, prompts: Sequence[Sequence[int]] | No
                              f"and num_groups >= 1 (got {num_groups})")
         setup = torch.tensor([len(prompts), max(map(len, prompts)) + max_new_tokens], device=device)
     else:
-        setup = recv((2,), torch.int64, links.prev)
-    if links.next is not None:
-        send([setup], links.next)
+        setup = torch.empty(2, dtype=torch.int64, device=device)
+    dist.broadcast(setup, links.first, group=pp_group)  # slots and cache length; a collective first (NCCL)
     cache = stage.new_kv_cache(int(setup[0]), int(setup[1]), dtype=dtype)
 
     if not stage.is_first:  # relay (middle) or pick tokens (last) until the first stage's end marker

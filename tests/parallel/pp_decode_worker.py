@@ -3,8 +3,8 @@
 Every rank builds the same tiny model; the reference is `Generator.generate` (greedy, stop token)
 on the whole model in one process. The pipeline splits the weights into 2 stages, deals 5 prompts
 of different lengths into 1, 2 or 3 groups in flight, and decodes with each stage caching its own
-layers; and pp = 1 (one stage on a 1-rank group). Tokens must be identical (one sequence stops early on the stop token), log-probs within
-1e-5. Prints "pipelined decode matches the generator" on rank 0.
+layers; also pp = 1 (one stage on a 1-rank group). Tokens must be identical (one sequence stops
+early on the stop token), log-probs within 1e-5. Prints "pipelined decode matches the generator" on rank 0.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ def main() -> int:
                 err = max((abs(a - b) for a, b in zip(lps, c.logprobs)), default=0.0)
                 worst = max(worst, err)
                 if ids != c.token_ids or not err <= 1e-5:
-                    failures.append(f"{tag} pp={st.pp} groups={k} prompt {i}: {ids} vs {c.token_ids}, logp err {err:.1e}")
+                    failures.append(f"{tag} pp={st.pp} groups={k} prompt {i}: {ids} vs {c.token_ids}, "
+                                    f"logp err {err:.1e}")
     flag = torch.tensor([len(failures)])
     dist.all_reduce(flag)
     for f in failures:
