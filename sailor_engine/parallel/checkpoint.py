@@ -63,7 +63,7 @@ def save_checkpoint(model: Transformer, path: str | Path, groups: ParallelGroups
     """
     path = Path(path)
     if groups is not None and groups.dims.pp > 1:
-        raise NotImplementedError(f"save_checkpoint: pipeline stages (pp={groups.dims.pp}) are not supported")
+        raise ValueError(f"save_checkpoint: pipeline stages (pp={groups.dims.pp}) are not supported yet; save with pp=1")
     group = model.tp_group
     tp = dist.get_world_size(group) if group is not None else 1
     rank = dist.get_rank(group) if group is not None else 0
@@ -95,9 +95,9 @@ def save_checkpoint(model: Transformer, path: str | Path, groups: ParallelGroups
                 elif v.numel() == 1 or shard is None:  # a step count, or any state of a replicated parameter
                     add(f"optim.{name}.{k}", v, None, param=name, key=k, like_param=False)
                 else:
-                    raise NotImplementedError(f"save_checkpoint: optimizer state {k!r} of the sharded parameter "
-                                              f"{name} has shape {tuple(v.shape)}, not the parameter's "
-                                              f"{tuple(p.shape)}: its layout across tp ranks is unknown")
+                    raise ValueError(f"save_checkpoint: optimizer state {k!r} of the sharded parameter "
+                                     f"{name} has shape {tuple(v.shape)}, not the parameter's "
+                                     f"{tuple(p.shape)}: its layout across tp ranks is unknown")
         optim_meta = {"param_groups": [{**{k: v for k, v in g.items() if k != "params"},
                                         "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]],
                       "scalars": scalars}
