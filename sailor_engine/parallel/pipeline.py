@@ -450,90 +450,107 @@ def pipelined_decode(stage: PipelineStage, prompts: Sequence[Sequence[int]] | No
     happen in emission order, so no stage waits on one that waits on it.
     Returns [(token_ids, logprobs)] per prompt on the first stage, None elsewhere.
     """
-    links = _Links(pp_group, stage.pp_rank, stage.pp)
-    p = next(stage.parameters())
-    device, dtype, H = p.device, act_dtype or p.dtype, stage.cfg.hidden_size
-    sends: list = []
-
-    def send(tensors: Sequence[Tensor], peer: int) -> None:
-        sends[:] = [w for w in sends if not w.is_completed()]  # a pending send keeps its tensor alive
-        sends.extend(dist.isend(t, peer, group=pp_group) for t in tensors)
-
-    def recv(shape: tuple[int, ...], dt: torch.dtype, peer: int) -> Tensor:
-        t = torch.empty(shape, dtype=dt, device=device)
-        dist.recv(t, peer, group=pp_group)
-        return t
-
-    def next_tokens(hidden: Tensor, cu: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
-        logits = F.linear(hidden[cu[1:] - 1], stage.output_weight).float()  # last position of each chunk
-        return sampler(logits, slots)
-
+    dec = _Decoder(stage, pp_group, sampler, act_dtype)
     if stage.is_first:
         if not prompts or any(len(q) < 1 for q in prompts) or max_new_tokens < 1 or num_groups < 1:
             raise ValueError(f"pipelined_decode: needs non-empty prompts ({len(prompts or [])} given, lengths "
                              f"{[len(q) for q in prompts or []][:8]}), max_new_tokens >= 1 (got {max_new_tokens}) "
                              f"and num_groups >= 1 (got {num_groups})")
-        setup = torch.tensor([len(prompts), max(map(len, prompts)) + max_new_tokens], device=device)
+        setup = torch.tensor([len(prompts), max(map(len, prompts)) + max_new_tokens], device=dec.device)
     else:
-        setup = torch.empty(2, dtype=torch.int64, device=device)
-    dist.broadcast(setup, links.first, group=pp_group)  # slots and cache length; a collective first (NCCL)
-    cache = stage.new_kv_cache(int(setup[0]), int(setup[1]), dtype=dtype)
+        setup = torch.empty(2, dtype=torch.int64, device=dec.device)
+    dist.broadcast(setup, dec.links.first, group=pp_group)  # slots and cache length; a collective first (NCCL)
+    dec.cache = stage.new_kv_cache(int(setup[0]), int(setup[1]), dtype=dec.dtype)
+    out = dec.lead(prompts, max_new_tokens, num_groups, set(stop_token_ids)) if stage.is_first else dec.relay()
+    for w in dec.sends:
+        w.wait()
+    return out
 
-    if not stage.is_first:  # relay (middle) or pick tokens (last) until the first stage's end marker
+
+class _Decoder:
+    """One stage's side of pipelined_decode. Per group emitted, on the wire: header [N, S] (N = -1: end),
+    meta [cu_seqlens (S + 1), slots (S)], hidden (N, H) down the chain; tokens (S,) int64 and log-probs
+    (S,) fp32 from the last stage back to the first."""
+
+    def __init__(self, stage: PipelineStage, group: dist.ProcessGroup, sampler, act_dtype: torch.dtype | None):
+        p = next(stage.parameters())
+        self.stage, self.group, self.sampler = stage, group, sampler
+        self.links = _Links(group, stage.pp_rank, stage.pp)
+        self.device, self.dtype = p.device, act_dtype or p.dtype
+        self.sends: list = []
+        self.cache: KVCache | None = None
+
+    def send(self, tensors: Sequence[Tensor], peer: int) -> None:
+        self.sends = [w for w in self.sends if not w.is_completed()]  # a pending send keeps its tensor alive
+        self.sends.extend(dist.isend(t, peer, group=self.group) for t in tensors)
+
+    def recv(self, shape: tuple[int, ...], dtype: torch.dtype, peer: int) -> Tensor:
+        t = torch.empty(shape, dtype=dtype, device=self.device)
+        dist.recv(t, peer, group=self.group)
+        return t
+
+    def run(self, x: Tensor, cu: Tensor, slots: Tensor) -> tuple[Tensor, Tensor] | Tensor:
+        """This stage's layers on one group; on the last stage, the group's next tokens and log-probs."""
+        h = self.stage.forward_cached(x, cu, self.cache, slots)
+        if not self.stage.is_last:
+            return h
+        logits = F.linear(h[cu[1:] - 1], self.stage.output_weight).float()  # last position of each chunk
+        tokens, logps = self.sampler(logits, slots)
+        return tokens.to(torch.int64), logps.float()
+
+    def relay(self) -> None:
+        """Stages after the first: run each group as it arrives, until the end marker."""
+        links = self.links
         while True:
-            header = recv((2,), torch.int64, links.prev)
+            header = self.recv((2,), torch.int64, links.prev)
             n, s = header.tolist()
             if n < 0:
                 if links.next is not None:
-                    send([header], links.next)
-                break
-            meta = recv((2 * s + 1,), torch.int64, links.prev)
-            cu, slots = meta[: s + 1], meta[s + 1:]
-            h = stage.forward_cached(recv((n, H), dtype, links.prev), cu, cache, slots)
-            if stage.is_last:
-                tokens, logps = next_tokens(h, cu, slots)
-                send([tokens.to(torch.int64), logps.float()], links.first)
-            else:
-                send([header, meta, h], links.next)
-        for w in sends:
-            w.wait()
-        return None
+                    self.send([header], links.next)
+                return None
+            meta = self.recv((2 * s + 1,), torch.int64, links.prev)
+            out = self.run(self.recv((n, self.stage.cfg.hidden_size), self.dtype, links.prev), meta[: s + 1],
+                           meta[s + 1:])
+            self.send(list(out) if self.stage.is_last else [header, meta, out],
+                      links.first if self.stage.is_last else links.next)
 
-    R = len(prompts)
-    out: list[tuple[list[int], list[float]]] = [([], []) for _ in range(R)]
-    ready = [list(range(j, R, num_groups)) for j in range(min(num_groups, R))]  # groups to emit
-    in_flight: list[list[int]] = []  # emitted groups, in emission order (= the order results come back)
-    local: list[tuple[Tensor, Tensor]] = []  # results when the first stage is also the last (pp = 1)
-    while ready or in_flight:
-        if ready:  # emit every ready group before waiting: that is what keeps the stages busy
-            group = ready.pop(0)
-            chunks = [list(prompts[r]) if not out[r][0] else out[r][0][-1:] for r in group]
-            ids = torch.tensor([t for c in chunks for t in c], dtype=torch.int64, device=device)
-            lens = torch.tensor([0] + [len(c) for c in chunks], dtype=torch.int64, device=device)
-            cu, slots = lens.cumsum(0), torch.tensor(group, dtype=torch.int64, device=device)
-            h = stage.forward_cached(ids, cu, cache, slots)
-            if stage.is_last:
-                local.append(next_tokens(h, cu, slots))
+    def lead(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, num_groups: int,
+             stop: set[int]) -> list[tuple[list[int], list[float]]]:
+        """The first stage: emit every ready group, else collect the oldest in-flight group's tokens."""
+        R, links, dev = len(prompts), self.links, self.device
+        out: list[tuple[list[int], list[float]]] = [([], []) for _ in range(R)]
+        ready = [list(range(j, R, num_groups)) for j in range(min(num_groups, R))]
+        in_flight: list[list[int]] = []  # emitted groups, in emission order (= the order results come back)
+        local: list[tuple[Tensor, Tensor]] = []  # results when the first stage is also the last (pp = 1)
+        while ready or in_flight:
+            if ready:  # emitting before waiting is what keeps the stages busy
+                group = ready.pop(0)
+                chunks = [list(prompts[r]) if not out[r][0] else out[r][0][-1:] for r in group]
+                ids = torch.tensor([t for c in chunks for t in c], dtype=torch.int64, device=dev)
+                cu = torch.tensor([0] + [len(c) for c in chunks], dtype=torch.int64, device=dev).cumsum(0)
+                slots = torch.tensor(group, dtype=torch.int64, device=dev)
+                res = self.run(ids, cu, slots)
+                if self.stage.is_last:
+                    local.append(res)
+                else:
+                    header = torch.tensor([ids.numel(), len(group)], dtype=torch.int64, device=dev)
+                    self.send([header, torch.cat([cu, slots]), res], links.next)
+                in_flight.append(group)
+                continue
+            group = in_flight.pop(0)
+            if self.stage.is_last:
+                tokens, logps = local.pop(0)
             else:
-                header = torch.tensor([ids.numel(), len(group)], dtype=torch.int64, device=device)
-                send([header, torch.cat([cu, slots]), h], links.next)
-            in_flight.append(group)
-            continue
-        group = in_flight.pop(0)
-        if stage.is_last:
-            tokens, logps = local.pop(0)
-        else:
-            tokens, logps = recv((len(group),), torch.int64, links.last), recv((len(group),), torch.float32, links.last)
-        live = []
-        for r, t, lp in zip(group, tokens.tolist(), logps.tolist()):
-            out[r][0].append(t)
-            out[r][1].append(lp)
-            if t not in stop_token_ids and len(out[r][0]) < max_new_tokens:
-                live.append(r)
-        if live:
-            ready.append(live)
-    if links.next is not None:
-        send([torch.tensor([-1, 0], dtype=torch.int64, device=device)], links.next)
-    for w in sends:
-        w.wait()
-    return out
+                tokens = self.recv((len(group),), torch.int64, links.last)
+                logps = self.recv((len(group),), torch.float32, links.last)
+            live = []
+            for r, t, lp in zip(group, tokens.tolist(), logps.tolist()):
+                out[r][0].append(t)
+                out[r][1].append(lp)
+                if t not in stop and len(out[r][0]) < max_new_tokens:
+                    live.append(r)
+            if live:
+                ready.append(live)
+        if links.next is not None:
+            self.send([torch.tensor([-1, 0], dtype=torch.int64, device=dev)], links.next)
+        return out
