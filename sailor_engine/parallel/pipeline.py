@@ -264,11 +264,11 @@ def _decode(meta: Tensor, m: int) -> list[tuple[int, Tensor, Tensor]]:
 class _Links:
     """p2p with the neighbouring stages on the pp group (peers as global ranks, which P2POp takes)."""
 
-    def __init__(self, group: dist.ProcessGroup, pp_rank: int, pp: int):
+    def __init__(self, group: dist.ProcessGroup, pp_rank: int, pp: int, device: torch.device):
         if dist.get_world_size(group) != pp or dist.get_rank(group) != pp_rank:
             raise ValueError(f"pp group has size {dist.get_world_size(group)} and this rank is {dist.get_rank(group)} "
                              f"in it; the stage says pp_rank {pp_rank} of pp = {pp}")
-        self.group = group
+        self.group, self.pp_rank, self.device = group, pp_rank, device
         self.prev = dist.get_global_rank(group, pp_rank - 1) if pp_rank > 0 else None
         self.next = dist.get_global_rank(group, pp_rank + 1) if pp_rank < pp - 1 else None
         self.first, self.last = dist.get_global_rank(group, 0), dist.get_global_rank(group, pp - 1)
@@ -288,27 +288,55 @@ def _share_metadata(links: _Links, stage: PipelineStage, mbs: Sequence[MicroBatc
 
     A collective, not a relay: log(P) latency, and under NCCL it also creates the group's
     communicator with every rank present before the first point-to-point call (which NCCL requires).
+    Micro-batches the first stage rejects are announced (m = -1), so every stage raises, none hangs.
     """
+    header = torch.tensor([-1, 0], dtype=torch.int64, device=device)
     if stage.is_first:
-        if not mbs:
-            raise ValueError("one_f_one_b: the first stage needs at least one micro-batch")
-        for i, mb in enumerate(mbs):
-            mb.check(i)
+        try:
+            if not mbs:
+                raise ValueError("one_f_one_b: the first stage needs at least one micro-batch")
+            for i, mb in enumerate(mbs):
+                mb.check(i)
+        except ValueError:
+            dist.broadcast(header, links.first, group=links.group)
+            raise
         meta = _encode(mbs).to(device)
         header = torch.tensor([len(mbs), meta.numel()], dtype=torch.int64, device=device)
-    else:
-        header = torch.empty(2, dtype=torch.int64, device=device)
     dist.broadcast(header, links.first, group=links.group)
+    m, size = header.tolist()
+    if m < 0:
+        raise ValueError(f"pipeline stage {stage.pp_rank}: the first stage rejected this step's micro-batches "
+                         "(see its error)")
     if not stage.is_first:
-        meta = torch.empty(int(header[1]), dtype=torch.int64, device=device)
+        meta = torch.empty(size, dtype=torch.int64, device=device)
     dist.broadcast(meta, links.first, group=links.group)
-    out = _decode(meta, int(header[0]))
+    return _decode(meta, m)
+
+
+def _agree(links: _Links, problem: str | None) -> None:
+    """Raise on every stage if any stage found a problem with its inputs (one all-reduce), never hang."""
+    flag = torch.tensor([0 if problem else 1], dtype=torch.int64, device=links.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=links.group)
+    if problem:
+        raise ValueError(problem)
+    if int(flag) == 0:
+        raise ValueError(f"pipeline stage {links.pp_rank}: another stage rejected this step's inputs (see its error)")
+
+
+def _local_problem(stage: PipelineStage, mbs: Sequence[MicroBatch] | None, meta, loss_fn, device) -> str | None:
+    """What is wrong with this stage's own inputs to one_f_one_b, if anything."""
+    if stage.is_last and loss_fn is None:
+        return f"one_f_one_b: the last stage ({stage.pp_rank}) needs a loss_fn"
+    tied = stage.tied_weight
+    if tied is not None and tied.grad is not None and bool(_local(tied.grad).any()):
+        return ("one_f_one_b sums the tied embedding copies' gradients on return: call it once per optimizer "
+                "step, with gradients zeroed (or None) before")
     if mbs is not None and not stage.is_first:  # a rank that also loaded the data: it must agree
-        if len(mbs) != len(out) or any(mb.num_tokens != n or not torch.equal(mb.cu_seqlens.to(device), cu)
-                                       for mb, (n, cu, _) in zip(mbs, out)):
-            raise ValueError(f"pipeline stage {stage.pp_rank}: its micro-batches ({[mb.num_tokens for mb in mbs]} "
-                             f"tokens) differ from the first stage's ({[n for n, _, _ in out]} tokens)")
-    return out
+        if len(mbs) != len(meta) or any(mb.num_tokens != n or not torch.equal(mb.cu_seqlens.to(device), cu)
+                                        for mb, (n, cu, _) in zip(mbs, meta)):
+            return (f"pipeline stage {stage.pp_rank}: its micro-batches ({[mb.num_tokens for mb in mbs]} tokens) "
+                    f"differ from the first stage's ({[n for n, _, _ in meta]} tokens)")
+    return None
 
 
 # -- 1F1B ------------------------------------------------------------------------------------------
@@ -330,16 +358,12 @@ def one_f_one_b(stage: PipelineStage, micro_batches: Sequence[MicroBatch] | None
     Gradients accumulate into the stage's .grad; on return they are the step's complete gradients
     (tied embedding copies summed). Returns the summed loss (detached) on the last stage, None elsewhere.
     """
-    links = _Links(pp_group, stage.pp_rank, stage.pp)
-    if stage.is_last and loss_fn is None:
-        raise ValueError("one_f_one_b: the last stage needs a loss_fn")
     param = next(stage.parameters())
     device, dtype = param.device, act_dtype or param.dtype
-    tied = stage.tied_weight
-    if tied is not None and tied.grad is not None and bool(_local(tied.grad).any()):
-        raise ValueError("one_f_one_b sums the tied embedding copies' gradients on return: call it once per "
-                         "optimizer step, with gradients zeroed (or None) before")
+    links = _Links(pp_group, stage.pp_rank, stage.pp, device)
     meta = _share_metadata(links, stage, micro_batches, device)
+    _agree(links, _local_problem(stage, micro_batches, meta, loss_fn, device))
+    tied = stage.tied_weight
     m, H = len(meta), stage.cfg.hidden_size
     saved: list[tuple[Tensor | None, Tensor] | None] = [None] * m
     losses: list[Tensor] = []
@@ -451,15 +475,17 @@ def pipelined_decode(stage: PipelineStage, prompts: Sequence[Sequence[int]] | No
     Returns [(token_ids, logprobs)] per prompt on the first stage, None elsewhere.
     """
     dec = _Decoder(stage, pp_group, sampler, act_dtype)
-    if stage.is_first:
-        if not prompts or any(len(q) < 1 for q in prompts) or max_new_tokens < 1 or num_groups < 1:
-            raise ValueError(f"pipelined_decode: needs non-empty prompts ({len(prompts or [])} given, lengths "
-                             f"{[len(q) for q in prompts or []][:8]}), max_new_tokens >= 1 (got {max_new_tokens}) "
-                             f"and num_groups >= 1 (got {num_groups})")
+    setup = torch.tensor([-1, 0], dtype=torch.int64, device=dec.device)  # -1: the first stage rejected its input
+    bad = stage.is_first and (not prompts or any(len(q) < 1 for q in prompts) or max_new_tokens < 1 or num_groups < 1)
+    if stage.is_first and not bad:
         setup = torch.tensor([len(prompts), max(map(len, prompts)) + max_new_tokens], device=dec.device)
-    else:
-        setup = torch.empty(2, dtype=torch.int64, device=dec.device)
     dist.broadcast(setup, dec.links.first, group=pp_group)  # slots and cache length; a collective first (NCCL)
+    if bad:
+        raise ValueError(f"pipelined_decode: needs non-empty prompts ({len(prompts or [])} given, lengths "
+                         f"{[len(q) for q in prompts or []][:8]}), max_new_tokens >= 1 (got {max_new_tokens}) "
+                         f"and num_groups >= 1 (got {num_groups})")
+    if int(setup[0]) < 0:
+        raise ValueError(f"pipeline stage {stage.pp_rank}: the first stage rejected the prompts (see its error)")
     dec.cache = stage.new_kv_cache(int(setup[0]), int(setup[1]), dtype=dec.dtype)
     out = dec.lead(prompts, max_new_tokens, num_groups, set(stop_token_ids)) if stage.is_first else dec.relay()
     for w in dec.sends:
@@ -475,8 +501,8 @@ class _Decoder:
     def __init__(self, stage: PipelineStage, group: dist.ProcessGroup, sampler, act_dtype: torch.dtype | None):
         p = next(stage.parameters())
         self.stage, self.group, self.sampler = stage, group, sampler
-        self.links = _Links(group, stage.pp_rank, stage.pp)
         self.device, self.dtype = p.device, act_dtype or p.dtype
+        self.links = _Links(group, stage.pp_rank, stage.pp, p.device)
         self.sends: list = []
         self.cache: KVCache | None = None
 

@@ -5,7 +5,8 @@ all micro-batches packed into one forward, RFT token-mean loss, one backward. Th
 the same weights into 2 stages and runs 1F1B over micro-batches of different lengths with the loss
 normalised by the global token count. Checked per case: the last stage's summed loss, every
 parameter's gradient on the stage that holds it (tied embedding copies included), and that the
-stages together hold every parameter exactly once; in fp32 (max error / max |grad| <= 1e-5) and
+stages together hold every parameter exactly once; and that a bad input on one stage makes every
+stage raise instead of hang; in fp32 (max error / max |grad| <= 1e-5) and
 fp64 (<= 1e-12). Prints the worst errors on rank 0.
 """
 
@@ -22,7 +23,7 @@ from sailor_engine.kernels import fused_linear_logprob
 from sailor_engine.model import ModelConfig, Transformer
 from sailor_engine.parallel.data import rft_loss
 from sailor_engine.parallel.dims import ParallelDims
-from sailor_engine.parallel.pipeline import MicroBatch, PipelineStage, one_f_one_b, stage_layers
+from sailor_engine.parallel.pipeline import MicroBatch, PipelineStage, one_f_one_b, pipelined_decode, stage_layers
 from sailor_engine.rl.loss import global_norm
 from sailor_engine.train.batching import Sequence, pack
 
@@ -93,6 +94,39 @@ def run_case(cfg, partition, lengths, dtype, groups):
     return errs
 
 
+def expect_error(fn, want):
+    """fn() must raise ValueError whose message contains want (a substring for this rank)."""
+    try:
+        fn()
+    except ValueError as e:
+        assert want in str(e), (want, str(e))
+    else:
+        raise AssertionError(f"expected ValueError containing {want!r}")
+
+
+def check_bad_inputs_raise_everywhere(groups):
+    """A bad input on one stage makes every stage raise (no stage left hanging in a p2p call)."""
+    model = Transformer(TIED).init_weights(std=0.3, generator=torch.Generator().manual_seed(1))
+    me = groups.pp_rank
+    stage = PipelineStage(model, stage_layers(TIED, 2)[me], me, 2)
+    batches = [pack(s) for s in make_batches(TIED, LENGTHS[:3], seed=3)]
+    mbs = [MicroBatch.packed(b.input_ids, b.cu_seqlens) for b in batches]
+    loss_fn = lambda h, i: h.sum()  # noqa: E731
+    other = "another stage rejected this step's inputs"
+    bad = mbs[:1] + [MicroBatch(mbs[1].input_ids, mbs[1].cu_seqlens, mbs[1].positions[:-1])]
+    expect_error(lambda: one_f_one_b(stage, bad if me == 0 else None, loss_fn, groups.pp),
+                 "micro-batch 1: positions must be (N,)" if me == 0 else "the first stage rejected")
+    expect_error(lambda: one_f_one_b(stage, mbs if me == 0 else None, loss_fn if me == 0 else None, groups.pp),
+                 other if me == 0 else "the last stage (1) needs a loss_fn")
+    expect_error(lambda: one_f_one_b(stage, mbs if me == 0 else mbs[:2], loss_fn, groups.pp),
+                 other if me == 0 else "its micro-batches ([12, 20] tokens) differ from the first stage's "
+                                       "([12, 20, 5] tokens)")
+    expect_error(lambda: pipelined_decode(stage, [[1, 2], []] if me == 0 else None, groups.pp, max_new_tokens=3,
+                                          num_groups=2),
+                 "lengths [2, 0]" if me == 0 else "the first stage rejected the prompts")
+    assert all(p.grad is None for p in stage.parameters())  # nothing ran
+
+
 def main() -> int:
     dist.init_process_group("gloo")
     groups = ParallelDims(1, 1, 2).build()
@@ -104,6 +138,7 @@ def main() -> int:
         if bad:
             failures.append(f"{name}: {bad}")
         worst[name] = max(errs.values())
+    check_bad_inputs_raise_everywhere(groups)
     everything = [None, None]
     dist.all_gather_object(everything, (failures, worst))
     if dist.get_rank() == 0:
