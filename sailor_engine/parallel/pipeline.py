@@ -351,7 +351,9 @@ def one_f_one_b(stage: PipelineStage, micro_batches: Sequence[MicroBatch] | None
     micro_batches: required on the first stage; on another stage None, or the same list (then
     checked against the first stage's). loss_fn(hidden (N_i, H), i) -> scalar: micro-batch i's
     share of the globally normalised loss, called on the last stage only. act_dtype: dtype of the
-    activations on the wire (default: the stage's parameter dtype). before_backward(i, is_last):
+    activations and gradients on the wire, cast to and from the compute dtype at each end (default:
+    the parameters' storage dtype; pass the compute dtype, e.g. FSDP2's param_dtype=bf16, to halve
+    the traffic under mixed precision). before_backward(i, is_last):
     called before each backward, e.g. to enable the data-parallel gradient reduction only for the
     step's last backward (data.set_grad_sync).
 
@@ -381,10 +383,9 @@ def one_f_one_b(stage: PipelineStage, micro_batches: Sequence[MicroBatch] | None
     def forward(i: int, x: Tensor | None) -> Tensor:
         _, cu, pos = meta[i]
         if stage.is_first:
-            x = micro_batches[i].input_ids.to(device)
-        else:
-            x.requires_grad_(True)
-        y = stage(x, cu, pos)
+            y = stage(micro_batches[i].input_ids.to(device), cu, pos)
+        else:  # x: the leaf in the wire dtype (its .grad goes back), cast to the parameters' dtype
+            y = stage(x.requires_grad_(True).to(param.dtype), cu, pos)
         if stage.is_last:
             y = loss_fn(y, i)
             if y.ndim != 0:
@@ -398,21 +399,21 @@ def one_f_one_b(stage: PipelineStage, micro_batches: Sequence[MicroBatch] | None
         saved[i] = None  # free the activations as soon as the backward has consumed them
         if before_backward is not None:
             before_backward(i, i == m - 1)
-        torch.autograd.backward(y, grad_tensors=None if stage.is_last else grad)
+        torch.autograd.backward(y, grad_tensors=None if stage.is_last else grad.to(y.dtype))
         return None if x is None else x.grad
 
     send_next = links.next  # None on the last stage: the sends below become no-ops
     warmup = min(stage.pp - 1 - stage.pp_rank, m)
     for i in range(warmup):
         y = forward(i, recv_forward(i))
-        links.exchange([(y.detach(), send_next)], [])
+        links.exchange([(y.detach().to(dtype), send_next)], [])
     steady = m - warmup
     x = recv_forward(warmup) if steady > 0 else None
     for k in range(steady):
         i = warmup + k  # forward micro-batch i, then backward micro-batch k
         y = forward(i, x)
         g = None if stage.is_last else act(k)
-        links.exchange([(y.detach(), send_next)], [(g, send_next)])
+        links.exchange([(y.detach().to(dtype), send_next)], [(g, send_next)])
         dx = backward(k, g)
         if k == steady - 1:
             links.exchange([(dx, links.prev)], [])
@@ -471,8 +472,9 @@ def pipelined_decode(stage: PipelineStage, prompts: Sequence[Sequence[int]] | No
     sampler(logits (R, V) fp32, slots (R,) = prompt indices) -> (tokens (R,), log-probs (R,)) and
     sends them back to the first stage, which drops sequences that emitted a stop token (kept in the
     output) or reached max_new_tokens, and re-emits the group. Sends are asynchronous and receives
-    happen in emission order, so no stage waits on one that waits on it.
-    Returns [(token_ids, logprobs)] per prompt on the first stage, None elsewhere.
+    happen in emission order, so no stage waits on one that waits on it. act_dtype: hidden states on
+    the wire (default: the parameters' dtype). Returns [(token_ids, logprobs)] per prompt on the
+    first stage, None elsewhere.
     """
     dec = _Decoder(stage, pp_group, sampler, act_dtype)
     setup = torch.tensor([-1, 0], dtype=torch.int64, device=dec.device)  # -1: the first stage rejected its input
@@ -486,7 +488,7 @@ def pipelined_decode(stage: PipelineStage, prompts: Sequence[Sequence[int]] | No
                          f"and num_groups >= 1 (got {num_groups})")
     if int(setup[0]) < 0:
         raise ValueError(f"pipeline stage {stage.pp_rank}: the first stage rejected the prompts (see its error)")
-    dec.cache = stage.new_kv_cache(int(setup[0]), int(setup[1]), dtype=dec.dtype)
+    dec.cache = stage.new_kv_cache(int(setup[0]), int(setup[1]))
     out = dec.lead(prompts, max_new_tokens, num_groups, set(stop_token_ids)) if stage.is_first else dec.relay()
     for w in dec.sends:
         w.wait()
@@ -501,7 +503,7 @@ class _Decoder:
     def __init__(self, stage: PipelineStage, group: dist.ProcessGroup, sampler, act_dtype: torch.dtype | None):
         p = next(stage.parameters())
         self.stage, self.group, self.sampler = stage, group, sampler
-        self.device, self.dtype = p.device, act_dtype or p.dtype
+        self.device, self.dtype, self.param_dtype = p.device, act_dtype or p.dtype, p.dtype
         self.links = _Links(group, stage.pp_rank, stage.pp, p.device)
         self.sends: list = []
         self.cache: KVCache | None = None
@@ -517,9 +519,11 @@ class _Decoder:
 
     def run(self, x: Tensor, cu: Tensor, slots: Tensor) -> tuple[Tensor, Tensor] | Tensor:
         """This stage's layers on one group; on the last stage, the group's next tokens and log-probs."""
+        if not self.stage.is_first:
+            x = x.to(self.param_dtype)  # wire dtype -> compute dtype
         h = self.stage.forward_cached(x, cu, self.cache, slots)
         if not self.stage.is_last:
-            return h
+            return h.to(self.dtype)
         logits = F.linear(h[cu[1:] - 1], self.stage.output_weight).float()  # last position of each chunk
         tokens, logps = self.sampler(logits, slots)
         return tokens.to(torch.int64), logps.float()

@@ -5,7 +5,8 @@ all micro-batches packed into one forward, RFT token-mean loss, one backward. Th
 the same weights into 2 stages and runs 1F1B over micro-batches of different lengths with the loss
 normalised by the global token count. Checked per case: the last stage's summed loss, every
 parameter's gradient on the stage that holds it (tied embedding copies included), and that the
-stages together hold every parameter exactly once; and that a bad input on one stage makes every
+stages together hold every parameter exactly once; activations sent in a narrower dtype than the
+model's (fp32 wire, fp64 model); and that a bad input on one stage makes every
 stage raise instead of hang; in fp32 (max error / max |grad| <= 1e-5) and
 fp64 (<= 1e-12). Prints the worst errors on rank 0.
 """
@@ -54,7 +55,7 @@ def make_batches(cfg, lengths, seed):
     return out
 
 
-def run_case(cfg, partition, lengths, dtype, groups):
+def run_case(cfg, partition, lengths, dtype, groups, wire=None):
     model = Transformer(cfg, dtype=dtype).init_weights(std=0.3, generator=torch.Generator().manual_seed(1))
     ref = copy.deepcopy(model)
     seqs = make_batches(cfg, lengths, seed=2)
@@ -75,7 +76,8 @@ def run_case(cfg, partition, lengths, dtype, groups):
         logp = fused_linear_logprob(h, stage.output_weight, batches[i].targets)
         return rft_loss(logp, batches[i].loss_mask, norm)
 
-    loss = one_f_one_b(stage, mbs, loss_fn, groups.pp)  # every rank has the data: checked against stage 0's
+    # every rank has the data: checked against stage 0's
+    loss = one_f_one_b(stage, mbs, loss_fn, groups.pp, act_dtype=wire)
 
     errs, names = {}, []
     if stage.is_last:
@@ -138,6 +140,12 @@ def main() -> int:
         if bad:
             failures.append(f"{name}: {bad}")
         worst[name] = max(errs.values())
+    # fp64 model, fp32 on the wire: the casts at both ends of every p2p (one fp32 rounding per boundary)
+    name = "tied, float64 model, float32 wire"
+    errs = run_case(TIED, None, LENGTHS, torch.float64, groups, wire=torch.float32)
+    if not max(errs.values()) <= TOL[torch.float32]:
+        failures.append(f"{name}: {errs}")
+    worst[name] = max(errs.values())
     check_bad_inputs_raise_everywhere(groups)
     everything = [None, None]
     dist.all_gather_object(everything, (failures, worst))
