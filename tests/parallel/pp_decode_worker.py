@@ -3,7 +3,7 @@
 Every rank builds the same tiny model; the reference is `Generator.generate` (greedy, stop token)
 on the whole model in one process. The pipeline splits the weights into 2 stages, deals 5 prompts
 of different lengths into 1, 2 or 3 groups in flight, and decodes with each stage caching its own
-layers; also pp = 1 (one stage on a 1-rank group). Tokens must be identical (one sequence stops
+layers; also pp = 1 (one stage on a 1-rank group), and an fp64 model over an fp32 wire. Tokens must be identical (one sequence stops
 early on the stop token), log-probs within 1e-5. Prints "pipelined decode matches the generator" on rank 0.
 """
 
@@ -32,8 +32,10 @@ def main() -> int:
     groups = ParallelDims(1, 1, 2).build()
     alone = ParallelDims(2, 1, 1).build().pp  # a 1-rank pp group: the pp = 1 path (first stage is the last)
     failures, worst = [], 0.0
-    for tag, cfg in CFGS.items():
-        model = Transformer(cfg).init_weights(std=0.5, generator=torch.Generator().manual_seed(1)).eval()
+    cases = [("tied", CFGS["tied"], torch.float32, None), ("untied", CFGS["untied"], torch.float32, None),
+             ("tied fp64, fp32 wire", CFGS["tied"], torch.float64, torch.float32)]
+    for tag, cfg, dtype, wire in cases:
+        model = Transformer(cfg, dtype=dtype).init_weights(std=0.5, generator=torch.Generator().manual_seed(1)).eval()
         g = torch.Generator().manual_seed(2)
         prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in PROMPT_LENS]
         with torch.inference_mode():
@@ -48,7 +50,7 @@ def main() -> int:
         whole = PipelineStage(model, range(cfg.num_layers), 0, 1)
         for k, st, pg in ((1, stage, groups.pp), (2, stage, groups.pp), (3, stage, groups.pp), (2, whole, alone)):
             out = pipelined_decode(st, prompts if st.is_first else None, pg, max_new_tokens=NEW,
-                                   num_groups=k, stop_token_ids=(stop,))
+                                   num_groups=k, stop_token_ids=(stop,), act_dtype=wire)
             if not st.is_first:
                 assert out is None
                 continue
