@@ -353,9 +353,10 @@ def one_f_one_b(stage: PipelineStage, micro_batches: Sequence[MicroBatch] | None
     share of the globally normalised loss, called on the last stage only. act_dtype: dtype of the
     activations and gradients on the wire, cast to and from the compute dtype at each end (default:
     the parameters' storage dtype; pass the compute dtype, e.g. FSDP2's param_dtype=bf16, to halve
-    the traffic under mixed precision). before_backward(i, is_last):
-    called before each backward, e.g. to enable the data-parallel gradient reduction only for the
-    step's last backward (data.set_grad_sync).
+    the traffic under mixed precision). before_backward(i, is_last): called before each backward,
+    e.g. to enable the data-parallel gradient reduction only for the step's last (data.set_grad_sync).
+    Bad inputs on any stage raise on every stage before any activation moves; a loss_fn that fails
+    mid-schedule (a bug, not data) leaves the other stages waiting until the group's timeout.
 
     Gradients accumulate into the stage's .grad; on return they are the step's complete gradients
     (tied embedding copies summed). Returns the summed loss (detached) on the last stage, None elsewhere.
