@@ -1,0 +1,57 @@
+"""`python -m sailor_engine.train --config run.yaml [--set a.b=c ...]`: the training entry point.
+
+    python -m sailor_engine.train --config examples/tiny.yaml --set train.data_dir=runs/tiny/data
+    torchrun --nproc-per-node 8 -m sailor_engine.train --config run.yaml --set parallel.tp=2
+
+Without torchrun it runs in this one process (no process group). Under torchrun every rank
+initialises the process group (parallel.backend; auto: nccl on CUDA, gloo on CPU), takes the CUDA
+device of its LOCAL_RANK and builds the tp / dp groups of the layout. A bad config or layout exits 2
+with its message on stderr (every rank, no traceback), before any compute. RFT only for now:
+train.mode = rl is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import torch.distributed as dist
+
+from sailor_engine.config import ConfigError, load_config
+
+PROG = "sailor_engine.train"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description="RFT training (torchrun for several processes).")
+    p.add_argument("--config", metavar="PATH", help="config file: .yaml, .yml, .toml or .json")
+    p.add_argument("--set", action="append", default=[], metavar="A.B=VALUE",
+                   help="override one field, e.g. train.rft.lr=1e-5 (repeatable; value parsed as YAML)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+        if cfg.train.mode == "rl":
+            raise ConfigError("train.mode = 'rl': RL training is not wired into the trainer yet (RFT only); "
+                              "set train.mode=rft")
+        from sailor_engine.train.rft import train_rft  # torch and the model: after the config is known good
+        from sailor_engine.train.setup import init_runtime
+
+        rt = init_runtime(cfg)
+        try:
+            train_rft(cfg, rt)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    except ConfigError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

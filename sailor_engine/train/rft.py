@@ -1,0 +1,258 @@
+"""The RFT cold-start loop: supervised training on expert trajectories, loss on policy tokens only.
+
+    rt = init_runtime(cfg)
+    history = train_rft(cfg, rt)        # list of the per-step metrics (also in out_dir/metrics.jsonl)
+
+One optimizer step:
+1. The global batch: `cfg.train.rft.batch_size` trajectories, the step's slice of a permutation of
+   the data seeded by (train.seed, epoch) — a pure function of the step, identical on every rank,
+   so resuming needs only the step (`batch_indices`).
+2. Dealt to the dp ranks balanced by token count (`deal`), then split in order into packed
+   micro-batches of at most train.micro_batch_tokens (`micro_batches`). Every dp rank runs the same
+   number of micro-batches (FSDP2 needs it; DDP is spared uneven waits): a rank with fewer gets
+   2-token padding micro-batches whose loss mask is zero (a real forward, an exactly-zero share).
+3. Loss: token-mean over all policy tokens of the step on all dp ranks (`global_norm`, all-reduced
+   before any backward), fused log-prob on the output weight (tp_group: the vocab shard), gradients
+   summed over dp (data.py), so any dp / tp / micro-batch layout computes the single-process step.
+4. Grad norm over every shard (`global_grad_norm`), clip, AdamW at the step's lr (schedule.py).
+Rank 0 writes metrics.jsonl and a progress line every train.log_every steps. Checkpoints every
+train.checkpoint_every steps (and at the end) hold model, optimizer and {step, data position};
+keep_last are kept; with train.resume the newest complete one is loaded and metrics.jsonl cut back
+to it, so a resumed run writes the lines an uninterrupted one would. The end exports out_dir/hf.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from sailor_engine.config import Config, ConfigError
+from sailor_engine.kernels.logprob import fused_linear_logprob
+from sailor_engine.model import Transformer
+from sailor_engine.model.parallelize import shard_plan
+from sailor_engine.parallel.checkpoint import MANIFEST, export_hf, load_checkpoint, read_manifest, save_checkpoint
+from sailor_engine.parallel.data import check_micro_batches, grad_sync, rft_loss, unwrap
+from sailor_engine.parallel.pipeline import MicroBatch
+from sailor_engine.rl.loss import global_norm
+from sailor_engine.train.batching import Sequence, pack, split_by_tokens
+from sailor_engine.train.schedule import lr_at
+from sailor_engine.train.setup import Runtime, build_model, build_optimizer, load_rft_data, wrap_model
+
+# -- data order --------------------------------------------------------------------------------
+
+
+def total_steps(num_seqs: int, cfg: Config) -> int:
+    """Optimizer steps of the run: full batches per epoch x epochs, capped by rft.max_steps."""
+    r = cfg.train.rft
+    per_epoch = num_seqs // r.batch_size
+    if per_epoch == 0:
+        raise ConfigError(f"train.rft.batch_size ({r.batch_size}) is larger than the {num_seqs} expert "
+                          "trajectories of train.data_dir")
+    return min(per_epoch * r.epochs, r.max_steps or per_epoch * r.epochs)
+
+
+def batch_indices(step: int, num_seqs: int, batch_size: int, seed: int) -> list[int]:
+    """The trajectories of optimizer step `step`: its slice of epoch (step // steps per epoch)'s
+    permutation, seeded by (seed, epoch). An epoch's last num_seqs % batch_size are left out of it."""
+    per_epoch = num_seqs // batch_size
+    epoch, k = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_seqs, generator=g)[k * batch_size:(k + 1) * batch_size].tolist()
+
+
+def deal(seqs: list[Sequence], dp: int) -> list[list[Sequence]]:
+    """Longest first, each to the dp rank with the fewest tokens so far (lowest rank on ties); every rank
+    keeps its sequences in batch order. Deterministic, so each rank computes every rank's share."""
+    order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i].token_ids), i))
+    load, owner = [0] * dp, [0] * len(seqs)
+    for i in order:
+        r = min(range(dp), key=lambda r: (load[r], r))
+        owner[i] = r
+        load[r] += len(seqs[i].token_ids) - 1
+    return [[s for s, o in zip(seqs, owner) if o == r] for r in range(dp)]
+
+
+def micro_batches(shares: list[list[Sequence]], budget: int, rank: int) -> list[list[Sequence]]:
+    """This rank's micro-batches (lists of sequences), padded to the count of the rank with the most."""
+    splits = [split_by_tokens(s, budget) if s else [] for s in shares]
+    count = max(len(s) for s in splits)
+    mine = splits[rank]
+    donor = next(s for share in shares for s in share)  # any real sequence: two tokens of it, no loss
+    pad = Sequence(donor.token_ids[:2], [0, 0])
+    return mine + [[pad]] * (count - len(mine))
+
+
+# -- one step ----------------------------------------------------------------------------------
+
+
+def run_step(stage: nn.Module, model: Transformer, mbs: list[list[Sequence]], rt: Runtime) -> tuple[float, int]:
+    """Forward + backward of this rank's micro-batches; returns (the step's loss, its policy tokens), global."""
+    packed = [pack(mb).to(rt.device) for mb in mbs]
+    if rt.dp_group is not None:
+        check_micro_batches(len(packed), rt.dp_group)
+    norm = global_norm([p.loss_mask for p in packed], [p.seq_ids for p in packed], dp_group=rt.dp_group)
+    if norm.num_tokens == 0:
+        raise ValueError("this step's trajectories hold no policy tokens (every loss mask is zero)")
+    loss = torch.zeros((), dtype=torch.float64, device=rt.device)
+    for i, p in enumerate(packed):
+        with grad_sync(stage, i == len(packed) - 1):  # dp reduction once, after the last backward
+            mb = MicroBatch.packed(p.input_ids, p.cu_seqlens)
+            hidden = stage(mb.input_ids, mb.cu_seqlens, mb.positions)
+            logp = fused_linear_logprob(hidden, unwrap(stage).output_weight, p.targets, tp_group=model.tp_group)
+            part = rft_loss(logp, p.loss_mask, norm)
+            part.backward()
+        loss += part.detach()
+    if rt.dp_group is not None:
+        dist.all_reduce(loss, group=rt.dp_group)
+    return float(loss), norm.num_tokens
+
+
+def global_grad_norm(model: Transformer, rt: Runtime) -> torch.Tensor:
+    """L2 norm of the full gradient, whatever the layout: replicated parameters count once, tp shards
+    are summed over the tp group (a block held by r replicas, GQA kv heads, weighs 1 / r). Under DDP
+    every dp rank holds the reduced gradient already, so no dp reduction. Returns an fp32 scalar."""
+    plan = shard_plan(model)
+    sq = torch.zeros(2, dtype=torch.float32, device=rt.device)  # [replicated, sharded]
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        s = p.grad.detach().float().pow(2).sum()
+        shard = plan.get(name)
+        if shard is None:
+            sq[0] += s
+        else:
+            sq[1] += s * shard.size / (rt.tp * (shard.stop - shard.start))  # / replicas of this block
+    if rt.tp > 1:
+        dist.all_reduce(sq[1:], group=rt.groups.tp)
+    return sq.sum().sqrt()
+
+
+def clip_(model: Transformer, norm: torch.Tensor, max_norm: float) -> None:
+    """Scale every gradient by min(1, max_norm / (norm + 1e-6)), as torch's clip_grad_norm_."""
+    if max_norm <= 0:
+        return
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(coef)
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+
+
+def _ckpt_root(cfg: Config) -> Path:
+    return Path(cfg.train.out_dir) / "checkpoints"
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Checkpoint directories with a manifest (complete), oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step-*") if (p / MANIFEST).is_file())
+
+
+def _save(model, opt, cfg: Config, rt: Runtime, step: int, num_seqs: int) -> Path:
+    path = _ckpt_root(cfg) / f"step-{step:08d}"
+    extra = {"step": step, "num_seqs": num_seqs, "batch_size": cfg.train.rft.batch_size, "seed": cfg.train.seed}
+    save_checkpoint(model, path, rt.groups, optimizer=opt, extra=extra)
+    if rt.rank == 0:
+        for old in complete_checkpoints(_ckpt_root(cfg))[:-cfg.train.keep_last]:
+            shutil.rmtree(old)
+    _barrier(rt)
+    return path
+
+
+def _resume(model, opt, cfg: Config, rt: Runtime, num_seqs: int) -> int:
+    """Load the newest complete checkpoint (rank 0 picks it for everyone); the step to continue from."""
+    found = [str(p) for p in complete_checkpoints(_ckpt_root(cfg))[-1:]] or [None]
+    if rt.groups is not None:
+        dist.broadcast_object_list(found, src=0)
+    if found[0] is None:
+        return 0
+    extra = read_manifest(found[0])["extra"]
+    want = {"num_seqs": num_seqs, "batch_size": cfg.train.rft.batch_size, "seed": cfg.train.seed}
+    diff = {k: (extra.get(k), v) for k, v in want.items() if extra.get(k) != v}
+    if diff:
+        raise ConfigError(f"train.resume: {found[0]} was saved with another data order "
+                          f"({', '.join(f'{k}: {a} then, {b} now' for k, (a, b) in diff.items())}); "
+                          "use another train.out_dir or train.resume=false")
+    load_checkpoint(model, found[0], optimizer=opt)
+    return int(extra["step"])
+
+
+def _barrier(rt: Runtime) -> None:
+    if rt.groups is not None:
+        dist.barrier()
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+
+class _Log:
+    """Rank 0's metrics.jsonl (cut back to `start` steps on resume) and progress lines."""
+
+    def __init__(self, path: Path, start: int, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            kept = []
+            if start > 0 and path.exists():
+                kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start]
+            path.write_text("".join(ln + "\n" for ln in kept))
+
+    def write(self, row: dict, total: int) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"step {row['step']}/{total}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  grad_norm "
+              f"{row['grad_norm']:.3f}  {row['tokens_per_s']:.0f} tok/s  {row['time']:.1f}s", flush=True)
+
+
+def train_rft(cfg: Config, rt: Runtime) -> list[dict]:
+    """Run (or resume) the RFT phase; returns this run's per-step metrics (on every rank)."""
+    t = cfg.train
+    data = load_rft_data(t.data_dir, cfg)
+    n = len(data.seqs)
+    total = total_steps(n, cfg)
+    model = build_model(cfg, data.vocab_size, rt)
+    opt = build_optimizer(model, cfg)
+    start = _resume(model, opt, cfg, rt, n) if t.resume else 0
+    stage = wrap_model(model, cfg, rt)
+    log = _Log(Path(t.out_dir) / "metrics.jsonl", start, rt.rank == 0)
+    history, saved, t0 = [], start if start > 0 else None, time.perf_counter()
+    for step in range(start, total):
+        tic = time.perf_counter()
+        lr = lr_at(step, peak=t.rft.lr, warmup_steps=t.rft.warmup_steps, total_steps=total,
+                   min_lr_ratio=t.rft.min_lr_ratio, schedule=t.rft.schedule)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        batch = [data.seqs[i] for i in batch_indices(step, n, t.rft.batch_size, t.seed)]
+        mbs = micro_batches(deal(batch, rt.dp), t.micro_batch_tokens, rt.dp_rank)
+        loss, loss_tokens = run_step(stage, model, mbs, rt)
+        positions = sum(len(s.token_ids) - 1 for s in batch)  # trained positions, padding left out
+        gnorm = global_grad_norm(model, rt)
+        clip_(model, gnorm, t.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - tic
+        row = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": float(gnorm), "tokens": positions,
+               "loss_tokens": loss_tokens, "tokens_per_s": positions / dt, "time": time.perf_counter() - t0}
+        history.append(row)
+        if (step + 1) % t.log_every == 0 or step + 1 == total:
+            log.write(row, total)
+        if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0:
+            _save(model, opt, cfg, rt, step + 1, n)
+            saved = step + 1
+    if saved != total:
+        _save(model, opt, cfg, rt, total, n)
+    if rt.rank == 0:
+        export_hf(_ckpt_root(cfg) / f"step-{total:08d}", Path(t.out_dir) / "hf")
+    _barrier(rt)
+    return history

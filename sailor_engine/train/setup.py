@@ -1,0 +1,205 @@
+"""What a training run is built from, per layout: the process groups, the RFT data, the model and its optimizer.
+
+    rt = init_runtime(cfg)                         # torchrun: process group + ParallelGroups; else one process
+    data = load_rft_data(cfg.train.data_dir, cfg)  # expert trajectories rendered to (ids, loss mask), + tokenizer size
+    model = build_model(cfg, data.vocab_size, rt)  # random init (same seed everywhere) or init_from; tp-sharded
+    stage = wrap_model(model, cfg, rt)             # the module the loop calls: whole-model stage, DDP when dp > 1
+    opt = build_optimizer(model, cfg)
+
+Every problem a user can fix in the config or the data (a layout the world size cannot hold, a
+missing data_dir, a batch larger than the data, a parallel feature not wired yet) raises ConfigError
+naming the field, before any compute, so the entry point exits 2 with the message on every rank.
+
+Not wired yet, and refused by name: pipeline parallelism (parallel.pp > 1), sequence parallelism,
+FSDP2 data parallelism (its DTensor parameters cannot be checkpointed by parallel/checkpoint.py yet:
+use parallel.data_parallel=ddp) and bf16 autocast (train.dtype=auto on CUDA resolves to it).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import msgspec
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from sailor_engine.config import Config, ConfigError
+from sailor_engine.model import Tokenizer, Transformer, load_hf
+from sailor_engine.model.parallelize import check_tp_layout, load_hf_tp, parallelize_tp
+from sailor_engine.parallel.checkpoint import MANIFEST, checkpoint_config, load_checkpoint
+from sailor_engine.parallel.data import data_parallel
+from sailor_engine.parallel.dims import ParallelDims, ParallelGroups
+from sailor_engine.parallel.pipeline import PipelineStage
+from sailor_engine.rollout.format import ChatTemplate
+from sailor_engine.synth.expert import Trajectory
+from sailor_engine.synth.pipeline import read_jsonl
+from sailor_engine.train.batching import Sequence
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process runs: its groups (None without torchrun), global rank and device."""
+
+    groups: ParallelGroups | None
+    rank: int
+    device: torch.device
+
+    @property
+    def dp(self) -> int:
+        return 1 if self.groups is None else self.groups.dims.dp
+
+    @property
+    def tp(self) -> int:
+        return 1 if self.groups is None else self.groups.dims.tp
+
+    @property
+    def dp_rank(self) -> int:
+        return 0 if self.groups is None else self.groups.dp_rank
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup | None:
+        return None if self.groups is None or self.groups.dims.dp == 1 else self.groups.dp
+
+
+def init_runtime(cfg: Config) -> Runtime:
+    """Under torchrun (WORLD_SIZE set): check the layout, init the process group, build the groups."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        dims = ParallelDims.resolve(cfg.parallel, world)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _check_wired(cfg, dims)
+    cuda = torch.cuda.is_available()
+    if "WORLD_SIZE" not in os.environ:
+        return Runtime(None, 0, torch.device("cuda" if cuda else "cpu"))
+    device = torch.device("cpu")
+    if cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if cuda else "gloo")
+    dist.init_process_group(backend, timeout=timedelta(seconds=cfg.parallel.timeout_s),
+                            device_id=device if backend == "nccl" else None)
+    return Runtime(dims.build(), dist.get_rank(), device)
+
+
+def _check_wired(cfg: Config, dims: ParallelDims) -> None:
+    p = cfg.parallel
+    if dims.pp > 1:
+        raise ConfigError(f"parallel.pp = {dims.pp}: pipeline parallelism is not wired into the trainer yet; use pp = 1")
+    if p.sequence_parallel:
+        raise ConfigError("parallel.sequence_parallel: not wired into the trainer yet (packs would need padding "
+                          "to a multiple of tp); set it to false")
+    if dims.dp > 1 and p.data_parallel == "fsdp":
+        raise ConfigError(f"parallel.data_parallel = 'fsdp' with dp = {dims.dp}: the trainer cannot checkpoint "
+                          "FSDP-sharded parameters yet (parallel/checkpoint.py holds tp shards only); "
+                          "set parallel.data_parallel=ddp")
+    bf16 = cfg.train.dtype == "bfloat16" or (cfg.train.dtype == "auto" and torch.cuda.is_available())
+    if bf16:
+        raise ConfigError(f"train.dtype = {cfg.train.dtype!r} means bf16 autocast here, which is not wired into "
+                          "the trainer yet; set train.dtype=float32")
+    if cfg.train.mode != "rft":
+        raise ConfigError(f"train.mode = {cfg.train.mode!r}: RL training is not wired yet (RFT only); "
+                          "set train.mode=rft")
+
+
+# -- data --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RFTData:
+    seqs: list[Sequence]  # one per expert trajectory, in file order
+    vocab_size: int  # the tokenizer's, special tokens included
+
+
+def load_rft_data(data_dir: str | Path, cfg: Config) -> RFTData:
+    """Expert trajectories of a `sailor-engine synth` output, rendered with the chat template (tool
+    responses masked out of the loss). Errors name train.data_dir or the trajectory's line."""
+    d = Path(data_dir)
+    missing = [f for f in ("experts.jsonl", "tokenizer.json") if not (d / f).is_file()]
+    if missing:
+        raise ConfigError(f"train.data_dir = {str(d)!r}: no {' or '.join(missing)} there "
+                          "(expected a `sailor-engine synth --out DIR` output)")
+    tok = Tokenizer.from_file(d / "tokenizer.json")
+    tpl = ChatTemplate(tok)
+    seqs = []
+    budget = cfg.train.micro_batch_tokens
+    for line, t in enumerate(read_jsonl(d / "experts.jsonl", Trajectory), 1):
+        ids, mask = tpl.render_messages([msgspec.to_builtins(m) for m in t.messages])
+        if len(ids) - 1 > budget:
+            raise ConfigError(f"{d / 'experts.jsonl'}:{line}: a trajectory of {len(ids)} tokens does not fit "
+                              f"train.micro_batch_tokens ({budget})")
+        seqs.append(Sequence(ids, mask))
+    if not seqs:
+        raise ConfigError(f"train.data_dir = {str(d)!r}: experts.jsonl holds no trajectories")
+    return RFTData(seqs, tok.vocab_size)
+
+
+# -- model -------------------------------------------------------------------------------------
+
+
+def padded_vocab(tokenizer_size: int, tp: int) -> int:
+    """Tokenizer size rounded up to a multiple of 64 * tp (tensor-core friendly, and splits tp ways)."""
+    m = 64 * tp
+    return math.ceil(tokenizer_size / m) * m
+
+
+def build_model(cfg: Config, tokenizer_size: int, rt: Runtime) -> Transformer:
+    """The model of this rank: tp-sharded when tp > 1, on rt.device, fp32.
+
+    train.init_from None: random init from the model section (vocab: padded_vocab), from the same
+    seed on every rank. Else an HF directory (load_hf / load_hf_tp) or an engine checkpoint (a
+    directory with manifest.json, any tp layout).
+    """
+    src = cfg.train.init_from
+    groups = rt.groups
+    if src is None:
+        mcfg = msgspec.structs.replace(cfg.model, vocab_size=padded_vocab(tokenizer_size, rt.tp))
+        _check_tp(mcfg, rt.tp, "model")
+        model = Transformer(mcfg).init_weights(generator=torch.Generator().manual_seed(cfg.train.seed))
+        if rt.tp > 1:
+            parallelize_tp(model, groups)
+    elif not Path(src).is_dir():
+        raise ConfigError(f"train.init_from = {src!r}: not a directory (an HF model or an engine checkpoint)")
+    elif (Path(src) / MANIFEST).is_file():
+        mcfg = checkpoint_config(src)
+        _check_tp(mcfg, rt.tp, f"train.init_from = {src!r}: its model")
+        with torch.device("meta"):
+            model = Transformer(mcfg)
+        if rt.tp > 1:
+            parallelize_tp(model, groups)
+        load_checkpoint(model, src, assign=True)
+    else:
+        model = load_hf_tp(src, groups, dtype=torch.float32) if rt.tp > 1 else load_hf(src, dtype=torch.float32)
+    if model.cfg.vocab_size < tokenizer_size:
+        raise ConfigError(f"train.init_from = {src!r}: vocab_size {model.cfg.vocab_size} is smaller than the "
+                          f"tokenizer of train.data_dir ({tokenizer_size} tokens)")
+    model.to(rt.device)
+    model.reset_buffers(rt.device)
+    return model
+
+
+def _check_tp(mcfg, tp: int, what: str) -> None:
+    try:
+        check_tp_layout(mcfg, tp)
+    except ValueError as e:
+        raise ConfigError(f"{what}: {e}") from None
+
+
+def wrap_model(model: Transformer, cfg: Config, rt: Runtime) -> nn.Module:
+    """The module the loop calls, forward(ids (N,), cu_seqlens (S+1,), positions (N,)) -> hidden (N, H):
+    the model as one pipeline stage; under DDP (summing gradients) when dp > 1."""
+    stage = PipelineStage(model, range(model.cfg.num_layers), 0, 1)
+    if rt.dp > 1:
+        stage = data_parallel(stage, rt.groups.dp, mode=cfg.parallel.data_parallel)
+    return stage
+
+
+def build_optimizer(model: Transformer, cfg: Config) -> torch.optim.AdamW:
+    t = cfg.train
+    return torch.optim.AdamW(model.parameters(), lr=t.rft.lr, betas=t.betas, eps=t.adam_eps,
+                             weight_decay=t.rft.weight_decay)
