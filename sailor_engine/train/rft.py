@@ -31,18 +31,20 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from sailor_engine.config import Config, ConfigError
 from sailor_engine.kernels.logprob import fused_linear_logprob
 from sailor_engine.model import Transformer
 from sailor_engine.model.parallelize import shard_plan
-from sailor_engine.parallel.checkpoint import MANIFEST, export_hf, load_checkpoint, read_manifest, save_checkpoint
+from sailor_engine.parallel.checkpoint import MANIFEST, export_hf, read_manifest
 from sailor_engine.parallel.data import check_micro_batches, grad_sync, rft_loss, unwrap
 from sailor_engine.parallel.pipeline import MicroBatch
 from sailor_engine.rl.loss import global_norm
 from sailor_engine.train.batching import Sequence, pack, split_by_tokens
 from sailor_engine.train.schedule import lr_at
 from sailor_engine.train.setup import Runtime, build_model, build_optimizer, load_rft_data, wrap_model
+from sailor_engine.train.state import is_fsdp, load_state, save_state
 
 # -- data order --------------------------------------------------------------------------------
 
@@ -116,18 +118,22 @@ def run_step(stage: nn.Module, model: Transformer, mbs: list[list[Sequence]], rt
 def global_grad_norm(model: Transformer, rt: Runtime) -> torch.Tensor:
     """L2 norm of the full gradient, whatever the layout: replicated parameters count once, tp shards
     are summed over the tp group (a block held by r replicas, GQA kv heads, weighs 1 / r). Under DDP
-    every dp rank holds the reduced gradient already, so no dp reduction. Returns an fp32 scalar."""
+    every dp rank holds the reduced gradient already; under FSDP2 each holds its rows of it, summed
+    over dp. Returns an fp32 scalar."""
     plan = shard_plan(model)
-    sq = torch.zeros(2, dtype=torch.float32, device=rt.device)  # [replicated, sharded]
+    sq = torch.zeros(2, dtype=torch.float32, device=rt.device)  # [replicated over tp, sharded over tp]
     for name, p in model.named_parameters():
         if p.grad is None:
             continue
-        s = p.grad.detach().float().pow(2).sum()
+        g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+        s = g.detach().float().pow(2).sum()
         shard = plan.get(name)
         if shard is None:
             sq[0] += s
         else:
             sq[1] += s * shard.size / (rt.tp * (shard.stop - shard.start))  # / replicas of this block
+    if rt.dp_group is not None and is_fsdp(model):
+        dist.all_reduce(sq, group=rt.dp_group)
     if rt.tp > 1:
         dist.all_reduce(sq[1:], group=rt.groups.tp)
     return sq.sum().sqrt()
@@ -137,7 +143,7 @@ def clip_(model: Transformer, norm: torch.Tensor, max_norm: float) -> None:
     """Scale every gradient by min(1, max_norm / (norm + 1e-6)), as torch's clip_grad_norm_."""
     if max_norm <= 0:
         return
-    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    coef = min(1.0, max_norm / (float(norm) + 1e-6))  # a Python float: grads may be DTensors
     for p in model.parameters():
         if p.grad is not None:
             p.grad.mul_(coef)
@@ -160,7 +166,7 @@ def complete_checkpoints(root: Path) -> list[Path]:
 def _save(model, opt, cfg: Config, rt: Runtime, step: int, num_seqs: int) -> Path:
     path = _ckpt_root(cfg) / f"step-{step:08d}"
     extra = {"step": step, "num_seqs": num_seqs, "batch_size": cfg.train.rft.batch_size, "seed": cfg.train.seed}
-    save_checkpoint(model, path, rt.groups, optimizer=opt, extra=extra)
+    save_state(model, opt, path, rt.groups, extra)
     if rt.rank == 0:
         for old in complete_checkpoints(_ckpt_root(cfg))[:-cfg.train.keep_last]:
             shutil.rmtree(old)
@@ -182,7 +188,7 @@ def _resume(model, opt, cfg: Config, rt: Runtime, num_seqs: int) -> int:
         raise ConfigError(f"train.resume: {found[0]} was saved with another data order "
                           f"({', '.join(f'{k}: {a} then, {b} now' for k, (a, b) in diff.items())}); "
                           "use another train.out_dir or train.resume=false")
-    load_checkpoint(model, found[0], optimizer=opt)
+    load_state(model, opt, found[0])
     return int(extra["step"])
 
 
@@ -222,9 +228,9 @@ def train_rft(cfg: Config, rt: Runtime) -> list[dict]:
     n = len(data.seqs)
     total = total_steps(n, cfg)
     model = build_model(cfg, data.vocab_size, rt)
+    stage = wrap_model(model, cfg, rt)  # before the optimizer: FSDP2 replaces the parameters
     opt = build_optimizer(model, cfg)
     start = _resume(model, opt, cfg, rt, n) if t.resume else 0
-    stage = wrap_model(model, cfg, rt)
     log = _Log(Path(t.out_dir) / "metrics.jsonl", start, rt.rank == 0)
     history, saved, t0 = [], start if start > 0 else None, time.perf_counter()
     for step in range(start, total):

@@ -10,9 +10,8 @@ Every problem a user can fix in the config or the data (a layout the world size 
 missing data_dir, a batch larger than the data, a parallel feature not wired yet) raises ConfigError
 naming the field, before any compute, so the entry point exits 2 with the message on every rank.
 
-Not wired yet, and refused by name: pipeline parallelism (parallel.pp > 1), sequence parallelism,
-FSDP2 data parallelism (its DTensor parameters cannot be checkpointed by parallel/checkpoint.py yet:
-use parallel.data_parallel=ddp) and bf16 autocast (train.dtype=auto on CUDA resolves to it).
+Not wired yet, and refused by name: pipeline parallelism (parallel.pp > 1), sequence parallelism
+and bf16 autocast (train.dtype=auto on CUDA resolves to it).
 """
 
 from __future__ import annotations
@@ -94,10 +93,6 @@ def _check_wired(cfg: Config, dims: ParallelDims) -> None:
     if p.sequence_parallel:
         raise ConfigError("parallel.sequence_parallel: not wired into the trainer yet (packs would need padding "
                           "to a multiple of tp); set it to false")
-    if dims.dp > 1 and p.data_parallel == "fsdp":
-        raise ConfigError(f"parallel.data_parallel = 'fsdp' with dp = {dims.dp}: the trainer cannot checkpoint "
-                          "FSDP-sharded parameters yet (parallel/checkpoint.py holds tp shards only); "
-                          "set parallel.data_parallel=ddp")
     bf16 = cfg.train.dtype == "bfloat16" or (cfg.train.dtype == "auto" and torch.cuda.is_available())
     if bf16:
         raise ConfigError(f"train.dtype = {cfg.train.dtype!r} means bf16 autocast here, which is not wired into "
@@ -192,7 +187,8 @@ def _check_tp(mcfg, tp: int, what: str) -> None:
 
 def wrap_model(model: Transformer, cfg: Config, rt: Runtime) -> nn.Module:
     """The module the loop calls, forward(ids (N,), cu_seqlens (S+1,), positions (N,)) -> hidden (N, H):
-    the model as one pipeline stage; under DDP (summing gradients) when dp > 1."""
+    the model as one pipeline stage; when dp > 1 under FSDP2 (its layers and root sharded in place,
+    so build the optimizer after this) or DDP, gradients summed over dp."""
     stage = PipelineStage(model, range(model.cfg.num_layers), 0, 1)
     if rt.dp > 1:
         stage = data_parallel(stage, rt.groups.dp, mode=cfg.parallel.data_parallel)

@@ -3,9 +3,10 @@
 Single process: the loss falls, metrics / checkpoints / HF export are written, a run resumed from
 its newest complete checkpoint writes the same metrics as the uninterrupted run, and a run started
 from the HF export (or the checkpoint) begins at the loss a plain full-logits computation gives.
-Under torchrun (2 gloo processes): tp=2 and dp=2 (DDP) reproduce the single-process run's per-step
-losses and gradient norms (fp32, <= 1e-5 relative; measured ~2e-7), tp=2 also from the HF export, and
-an impossible layout exits non-zero with ParallelDims' message.
+Under torchrun (2 gloo processes): tp=2 and dp=2 (DDP and FSDP2) reproduce the single-process run's
+per-step losses and gradient norms (fp32, <= 1e-5 relative; measured ~2e-7), FSDP2 also resumed from
+the single-process run's checkpoint, tp=2 also from the HF export, and an impossible layout exits
+non-zero with ParallelDims' message.
 """
 
 from __future__ import annotations
@@ -130,7 +131,8 @@ def torchrun(world: Path, out: Path, *overrides: str) -> subprocess.CompletedPro
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("layout", [("parallel.tp=2",), ("parallel.data_parallel=ddp",)], ids=["tp2", "dp2"])
+@pytest.mark.parametrize("layout", [("parallel.tp=2",), ("parallel.data_parallel=ddp",),
+                                    ("parallel.data_parallel=fsdp",)], ids=["tp2", "dp2-ddp", "dp2-fsdp"])
 def test_two_processes_match_the_single_process_run(world, single, layout):
     out = world / f"dist-{layout[0]}"
     proc = torchrun(world, out, *layout)
@@ -180,6 +182,20 @@ def test_init_from_an_hf_export_or_a_checkpoint(world, single, from_hf):
     assert main(["--config", str(world / "run.yaml"), "--set", f"train.out_dir={out}", "--set", "train.rft.max_steps=3",
                  "--set", f"train.init_from={single / 'checkpoints' / 'step-00000009'}"]) == 0
     assert same_run(metrics(out)) == same_run(metrics(from_hf))
+
+
+@pytest.mark.dist
+def test_fsdp_resumes_from_a_single_process_checkpoint(world, single):
+    out = world / "fsdp-resumed"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(single / "checkpoints" / "step-00000008", out / "checkpoints" / "step-00000008")
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics(single)[:8]))
+    proc = torchrun(world, out, "parallel.data_parallel=fsdp")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got, ref = metrics(out), metrics(single)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1)) and got[:8] == ref[:8]
+    for key in ("loss", "grad_norm"):
+        assert abs(got[8][key] - ref[8][key]) <= 1e-5 * ref[8][key], (key, got[8], ref[8])
 
 
 @pytest.mark.dist
