@@ -8,13 +8,16 @@ One optimizer step:
    the data seeded by (train.seed, epoch) — a pure function of the step, identical on every rank,
    so resuming needs only the step (`batch_indices`).
 2. Dealt to the dp ranks balanced by token count (`deal`), then split in order into packed
-   micro-batches of at most train.micro_batch_tokens (`micro_batches`). Every dp rank runs the same
-   number of micro-batches (FSDP2 needs it; DDP is spared uneven waits): a rank with fewer gets
-   2-token padding micro-batches whose loss mask is zero (a real forward, an exactly-zero share).
+   micro-batches of at most train.micro_batch_tokens (`micro_batches`; at least
+   parallel.pp_microbatches under pipeline parallelism where the sequences allow). Every dp rank
+   runs the same number of micro-batches (FSDP2 needs it; DDP is spared uneven waits): a rank with
+   fewer gets 2-token padding micro-batches whose loss mask is zero (an exactly-zero share).
 3. Loss: token-mean over all policy tokens of the step on all dp ranks (`global_norm`, all-reduced
    before any backward), fused log-prob on the output weight (tp_group: the vocab shard), gradients
-   summed over dp (data.py), so any dp / tp / micro-batch layout computes the single-process step.
-4. Grad norm over every shard (`global_grad_norm`), clip, AdamW at the step's lr (schedule.py).
+   summed over dp (data.py); with pp > 1 the micro-batches run through the stages by 1F1B and the
+   loss is taken on the last stage. So any dp / tp / pp / micro-batch layout computes the
+   single-process step.
+4. Grad norm over every shard and stage (`global_grad_norm`), clip, AdamW at the step's lr.
 Rank 0 writes metrics.jsonl and a progress line every train.log_every steps. Checkpoints every
 train.checkpoint_every steps (and at the end) hold model, optimizer and {step, data position};
 keep_last are kept; with train.resume the newest complete one is loaded and metrics.jsonl cut back
@@ -35,11 +38,10 @@ from torch.distributed.tensor import DTensor
 
 from sailor_engine.config import Config, ConfigError
 from sailor_engine.kernels.logprob import fused_linear_logprob
-from sailor_engine.model import Transformer
 from sailor_engine.model.parallelize import shard_plan
 from sailor_engine.parallel.checkpoint import MANIFEST, export_hf, read_manifest
-from sailor_engine.parallel.data import check_micro_batches, grad_sync, rft_loss, unwrap
-from sailor_engine.parallel.pipeline import MicroBatch
+from sailor_engine.parallel.data import check_micro_batches, grad_sync, rft_loss, set_grad_sync, unwrap
+from sailor_engine.parallel.pipeline import MicroBatch, PipelineStage, one_f_one_b
 from sailor_engine.rl.loss import global_norm
 from sailor_engine.train.batching import Sequence, pack, split_by_tokens
 from sailor_engine.train.schedule import lr_at
@@ -80,20 +82,32 @@ def deal(seqs: list[Sequence], dp: int) -> list[list[Sequence]]:
     return [[s for s, o in zip(seqs, owner) if o == r] for r in range(dp)]
 
 
-def micro_batches(shares: list[list[Sequence]], budget: int, rank: int) -> list[list[Sequence]]:
-    """This rank's micro-batches (lists of sequences), padded to the count of the rank with the most."""
+def micro_batches(shares: list[list[Sequence]], budget: int, rank: int, at_least: int = 1) -> list[list[Sequence]]:
+    """This rank's micro-batches (lists of sequences, <= budget positions each): every rank's share is
+    split in order by tokens, then (pipeline stages want >= parallel.pp_microbatches in flight) the
+    largest micro-batch of several sequences is halved until `at_least` are reached or none can be;
+    all ranks are padded to the same count with zero-loss 2-token micro-batches."""
     splits = [split_by_tokens(s, budget) if s else [] for s in shares]
-    count = max(len(s) for s in splits)
+    for mbs in splits:
+        while len(mbs) < at_least and any(len(mb) > 1 for mb in mbs):
+            i = max((i for i, mb in enumerate(mbs) if len(mb) > 1), key=lambda i: _positions(mbs[i]))
+            half = len(mbs[i]) // 2
+            mbs[i:i + 1] = [mbs[i][:half], mbs[i][half:]]
+    count = max(at_least, *(len(s) for s in splits))
     mine = splits[rank]
     donor = next(s for share in shares for s in share)  # any real sequence: two tokens of it, no loss
     pad = Sequence(donor.token_ids[:2], [0, 0])
     return mine + [[pad]] * (count - len(mine))
 
 
+def _positions(mb: list[Sequence]) -> int:
+    return sum(len(s.token_ids) - 1 for s in mb)
+
+
 # -- one step ----------------------------------------------------------------------------------
 
 
-def run_step(stage: nn.Module, model: Transformer, mbs: list[list[Sequence]], rt: Runtime) -> tuple[float, int]:
+def run_step(stage: nn.Module, tp_group, mbs: list[list[Sequence]], rt: Runtime) -> tuple[float, int]:
     """Forward + backward of this rank's micro-batches; returns (the step's loss, its policy tokens), global."""
     packed = [pack(mb).to(rt.device) for mb in mbs]
     if rt.dp_group is not None:
@@ -101,29 +115,43 @@ def run_step(stage: nn.Module, model: Transformer, mbs: list[list[Sequence]], rt
     norm = global_norm([p.loss_mask for p in packed], [p.seq_ids for p in packed], dp_group=rt.dp_group)
     if norm.num_tokens == 0:
         raise ValueError("this step's trajectories hold no policy tokens (every loss mask is zero)")
+    net = unwrap(stage)
+
+    def loss_fn(hidden: torch.Tensor, i: int) -> torch.Tensor:  # micro-batch i's share of the step's loss
+        logp = fused_linear_logprob(hidden, net.output_weight, packed[i].targets, tp_group=tp_group)
+        return rft_loss(logp, packed[i].loss_mask, norm)
+
+    mbs = [MicroBatch.packed(p.input_ids, p.cu_seqlens) for p in packed]
     loss = torch.zeros((), dtype=torch.float64, device=rt.device)
-    for i, p in enumerate(packed):
-        with grad_sync(stage, i == len(packed) - 1):  # dp reduction once, after the last backward
-            mb = MicroBatch.packed(p.input_ids, p.cu_seqlens)
-            hidden = stage(mb.input_ids, mb.cu_seqlens, mb.positions)
-            logp = fused_linear_logprob(hidden, unwrap(stage).output_weight, p.targets, tp_group=model.tp_group)
-            part = rft_loss(logp, p.loss_mask, norm)
-            part.backward()
-        loss += part.detach()
+    if rt.pp > 1:
+        last = net.is_last
+        sync = (lambda i, is_last: set_grad_sync(stage, is_last)) if rt.dp > 1 else None  # noqa: E731
+        out = one_f_one_b(stage, mbs if net.is_first else None, loss_fn if last else None, rt.groups.pp,
+                          before_backward=sync)
+        if last:
+            loss += out
+        dist.all_reduce(loss, group=rt.groups.pp)  # from the last stage to every stage
+    else:
+        for i, mb in enumerate(mbs):
+            with grad_sync(stage, i == len(mbs) - 1):  # dp reduction once, after the last backward
+                part = loss_fn(stage(mb.input_ids, mb.cu_seqlens, mb.positions), i)
+                part.backward()
+            loss += part.detach()
     if rt.dp_group is not None:
         dist.all_reduce(loss, group=rt.dp_group)
     return float(loss), norm.num_tokens
 
 
-def global_grad_norm(model: Transformer, rt: Runtime) -> torch.Tensor:
+def global_grad_norm(net: PipelineStage, rt: Runtime) -> torch.Tensor:
     """L2 norm of the full gradient, whatever the layout: replicated parameters count once, tp shards
-    are summed over the tp group (a block held by r replicas, GQA kv heads, weighs 1 / r). Under DDP
-    every dp rank holds the reduced gradient already; under FSDP2 each holds its rows of it, summed
-    over dp. Returns an fp32 scalar."""
-    plan = shard_plan(model)
+    are summed over the tp group (a block held by r replicas, GQA kv heads, weighs 1 / r), stages over
+    the pp group (the last stage's copy of a tied embedding left out: it holds the first's gradient).
+    Under DDP every dp rank holds the reduced gradient already; under FSDP2 each holds its rows of
+    it, summed over dp. Returns an fp32 scalar."""
+    plan = shard_plan(net)
     sq = torch.zeros(2, dtype=torch.float32, device=rt.device)  # [replicated over tp, sharded over tp]
-    for name, p in model.named_parameters():
-        if p.grad is None:
+    for name, p in net.named_parameters():
+        if p.grad is None or (net.tied_copy and name == "lm_head.weight"):
             continue
         g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
         s = g.detach().float().pow(2).sum()
@@ -132,19 +160,21 @@ def global_grad_norm(model: Transformer, rt: Runtime) -> torch.Tensor:
             sq[0] += s
         else:
             sq[1] += s * shard.size / (rt.tp * (shard.stop - shard.start))  # / replicas of this block
-    if rt.dp_group is not None and is_fsdp(model):
+    if rt.dp_group is not None and is_fsdp(net):
         dist.all_reduce(sq, group=rt.dp_group)
+    if rt.pp > 1:
+        dist.all_reduce(sq, group=rt.groups.pp)
     if rt.tp > 1:
         dist.all_reduce(sq[1:], group=rt.groups.tp)
     return sq.sum().sqrt()
 
 
-def clip_(model: Transformer, norm: torch.Tensor, max_norm: float) -> None:
+def clip_(net: nn.Module, norm: torch.Tensor, max_norm: float) -> None:
     """Scale every gradient by min(1, max_norm / (norm + 1e-6)), as torch's clip_grad_norm_."""
     if max_norm <= 0:
         return
     coef = min(1.0, max_norm / (float(norm) + 1e-6))  # a Python float: grads may be DTensors
-    for p in model.parameters():
+    for p in net.parameters():
         if p.grad is not None:
             p.grad.mul_(coef)
 
@@ -163,10 +193,10 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if (p / MANIFEST).is_file())
 
 
-def _save(model, opt, cfg: Config, rt: Runtime, step: int, num_seqs: int) -> Path:
+def _save(model, net, opt, cfg: Config, rt: Runtime, step: int, num_seqs: int) -> Path:
     path = _ckpt_root(cfg) / f"step-{step:08d}"
     extra = {"step": step, "num_seqs": num_seqs, "batch_size": cfg.train.rft.batch_size, "seed": cfg.train.seed}
-    save_state(model, opt, path, rt.groups, extra)
+    save_state(model, net, opt, path, rt, extra)
     if rt.rank == 0:
         for old in complete_checkpoints(_ckpt_root(cfg))[:-cfg.train.keep_last]:
             shutil.rmtree(old)
@@ -174,7 +204,7 @@ def _save(model, opt, cfg: Config, rt: Runtime, step: int, num_seqs: int) -> Pat
     return path
 
 
-def _resume(model, opt, cfg: Config, rt: Runtime, num_seqs: int) -> int:
+def _resume(model, net, opt, cfg: Config, rt: Runtime, num_seqs: int) -> int:
     """Load the newest complete checkpoint (rank 0 picks it for everyone); the step to continue from."""
     found = [str(p) for p in complete_checkpoints(_ckpt_root(cfg))[-1:]] or [None]
     if rt.groups is not None:
@@ -188,7 +218,7 @@ def _resume(model, opt, cfg: Config, rt: Runtime, num_seqs: int) -> int:
         raise ConfigError(f"train.resume: {found[0]} was saved with another data order "
                           f"({', '.join(f'{k}: {a} then, {b} now' for k, (a, b) in diff.items())}); "
                           "use another train.out_dir or train.resume=false")
-    load_state(model, opt, found[0])
+    load_state(model, net, opt, found[0], rt)
     return int(extra["step"])
 
 
@@ -229,8 +259,9 @@ def train_rft(cfg: Config, rt: Runtime) -> list[dict]:
     total = total_steps(n, cfg)
     model = build_model(cfg, data.vocab_size, rt)
     stage = wrap_model(model, cfg, rt)  # before the optimizer: FSDP2 replaces the parameters
-    opt = build_optimizer(model, cfg)
-    start = _resume(model, opt, cfg, rt, n) if t.resume else 0
+    net = unwrap(stage)  # this rank's PipelineStage: what the optimizer, grad norm and checkpoints see
+    opt = build_optimizer(net.parameters(), cfg)
+    start = _resume(model, net, opt, cfg, rt, n) if t.resume else 0
     log = _Log(Path(t.out_dir) / "metrics.jsonl", start, rt.rank == 0)
     history, saved, t0 = [], start if start > 0 else None, time.perf_counter()
     for step in range(start, total):
@@ -240,11 +271,12 @@ def train_rft(cfg: Config, rt: Runtime) -> list[dict]:
         for g in opt.param_groups:
             g["lr"] = lr
         batch = [data.seqs[i] for i in batch_indices(step, n, t.rft.batch_size, t.seed)]
-        mbs = micro_batches(deal(batch, rt.dp), t.micro_batch_tokens, rt.dp_rank)
-        loss, loss_tokens = run_step(stage, model, mbs, rt)
+        mbs = micro_batches(deal(batch, rt.dp), t.micro_batch_tokens, rt.dp_rank,
+                            cfg.parallel.pp_microbatches if rt.pp > 1 else 1)
+        loss, loss_tokens = run_step(stage, model.tp_group, mbs, rt)
         positions = sum(len(s.token_ids) - 1 for s in batch)  # trained positions, padding left out
-        gnorm = global_grad_norm(model, rt)
-        clip_(model, gnorm, t.grad_clip)
+        gnorm = global_grad_norm(net, rt)
+        clip_(net, gnorm, t.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - tic
@@ -254,10 +286,10 @@ def train_rft(cfg: Config, rt: Runtime) -> list[dict]:
         if (step + 1) % t.log_every == 0 or step + 1 == total:
             log.write(row, total)
         if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0:
-            _save(model, opt, cfg, rt, step + 1, n)
+            _save(model, net, opt, cfg, rt, step + 1, n)
             saved = step + 1
     if saved != total:
-        _save(model, opt, cfg, rt, total, n)
+        _save(model, net, opt, cfg, rt, total, n)
     if rt.rank == 0:
         export_hf(_ckpt_root(cfg) / f"step-{total:08d}", Path(t.out_dir) / "hf")
     _barrier(rt)

@@ -3,15 +3,16 @@
     rt = init_runtime(cfg)                         # torchrun: process group + ParallelGroups; else one process
     data = load_rft_data(cfg.train.data_dir, cfg)  # expert trajectories rendered to (ids, loss mask), + tokenizer size
     model = build_model(cfg, data.vocab_size, rt)  # random init (same seed everywhere) or init_from; tp-sharded
-    stage = wrap_model(model, cfg, rt)             # the module the loop calls: whole-model stage, DDP when dp > 1
-    opt = build_optimizer(model, cfg)
+    stage = wrap_model(model, cfg, rt)             # this rank's pipeline stage, under FSDP2 / DDP when dp > 1
+    opt = build_optimizer(unwrap(stage).parameters(), cfg)
 
 Every problem a user can fix in the config or the data (a layout the world size cannot hold, a
 missing data_dir, a batch larger than the data, a parallel feature not wired yet) raises ConfigError
 naming the field, before any compute, so the entry point exits 2 with the message on every rank.
 
-Not wired yet, and refused by name: pipeline parallelism (parallel.pp > 1), sequence parallelism
-and bf16 autocast (train.dtype=auto on CUDA resolves to it).
+Not wired yet, and refused by name: sequence parallelism and bf16 autocast (train.dtype=auto on CUDA
+resolves to it). With pipeline stages every rank still builds (or loads) the whole model and keeps
+only its stage's layers: fine for the sizes tested here, a meta-device build is the next step.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from sailor_engine.model.parallelize import check_tp_layout, load_hf_tp, paralle
 from sailor_engine.parallel.checkpoint import MANIFEST, checkpoint_config, load_checkpoint
 from sailor_engine.parallel.data import data_parallel
 from sailor_engine.parallel.dims import ParallelDims, ParallelGroups
-from sailor_engine.parallel.pipeline import PipelineStage
+from sailor_engine.parallel.pipeline import PipelineStage, stage_layers
 from sailor_engine.rollout.format import ChatTemplate
 from sailor_engine.synth.expert import Trajectory
 from sailor_engine.synth.pipeline import read_jsonl
@@ -64,6 +65,14 @@ class Runtime:
     def dp_group(self) -> dist.ProcessGroup | None:
         return None if self.groups is None or self.groups.dims.dp == 1 else self.groups.dp
 
+    @property
+    def pp(self) -> int:
+        return 1 if self.groups is None else self.groups.dims.pp
+
+    @property
+    def pp_rank(self) -> int:
+        return 0 if self.groups is None else self.groups.pp_rank
+
 
 def init_runtime(cfg: Config) -> Runtime:
     """Under torchrun (WORLD_SIZE set): check the layout, init the process group, build the groups."""
@@ -88,8 +97,9 @@ def init_runtime(cfg: Config) -> Runtime:
 
 def _check_wired(cfg: Config, dims: ParallelDims) -> None:
     p = cfg.parallel
-    if dims.pp > 1:
-        raise ConfigError(f"parallel.pp = {dims.pp}: pipeline parallelism is not wired into the trainer yet; use pp = 1")
+    if dims.pp > 1 and dims.dp > 1 and p.data_parallel == "ddp":
+        raise ConfigError(f"parallel.data_parallel = 'ddp' with parallel.pp = {dims.pp}: DDP decides at forward time "
+                          "whether a backward reduces, and 1F1B interleaves them; use parallel.data_parallel=fsdp")
     if p.sequence_parallel:
         raise ConfigError("parallel.sequence_parallel: not wired into the trainer yet (packs would need padding "
                           "to a multiple of tp); set it to false")
@@ -186,16 +196,18 @@ def _check_tp(mcfg, tp: int, what: str) -> None:
 
 
 def wrap_model(model: Transformer, cfg: Config, rt: Runtime) -> nn.Module:
-    """The module the loop calls, forward(ids (N,), cu_seqlens (S+1,), positions (N,)) -> hidden (N, H):
-    the model as one pipeline stage; when dp > 1 under FSDP2 (its layers and root sharded in place,
-    so build the optimizer after this) or DDP, gradients summed over dp."""
-    stage = PipelineStage(model, range(model.cfg.num_layers), 0, 1)
+    """The module the loop calls, forward(x, cu_seqlens (S+1,), positions (N,)) -> hidden (N, H): this
+    rank's pipeline stage (the whole model when pp = 1, stage_layers' share otherwise); when dp > 1
+    under FSDP2 (layers and root sharded in place, so build the optimizer after this) or DDP,
+    gradients summed over dp. `unwrap(stage)` is the PipelineStage."""
+    stage = PipelineStage(model, stage_layers(model.cfg, rt.pp)[rt.pp_rank], rt.pp_rank, rt.pp)
     if rt.dp > 1:
-        stage = data_parallel(stage, rt.groups.dp, mode=cfg.parallel.data_parallel)
+        # several forwards precede their backwards under 1F1B: keep the gathered layers until then
+        stage = data_parallel(stage, rt.groups.dp, mode=cfg.parallel.data_parallel, reshard_after_forward=rt.pp == 1)
     return stage
 
 
-def build_optimizer(model: Transformer, cfg: Config) -> torch.optim.AdamW:
+def build_optimizer(params, cfg: Config) -> torch.optim.AdamW:
+    """AdamW over `params` (the stage's), one parameter group (checkpoints rely on it)."""
     t = cfg.train
-    return torch.optim.AdamW(model.parameters(), lr=t.rft.lr, betas=t.betas, eps=t.adam_eps,
-                             weight_decay=t.rft.weight_decay)
+    return torch.optim.AdamW(params, lr=t.rft.lr, betas=t.betas, eps=t.adam_eps, weight_decay=t.rft.weight_decay)

@@ -132,7 +132,8 @@ def torchrun(world: Path, out: Path, *overrides: str) -> subprocess.CompletedPro
 
 @pytest.mark.dist
 @pytest.mark.parametrize("layout", [("parallel.tp=2",), ("parallel.data_parallel=ddp",),
-                                    ("parallel.data_parallel=fsdp",)], ids=["tp2", "dp2-ddp", "dp2-fsdp"])
+                                    ("parallel.data_parallel=fsdp",), ("parallel.pp=2",)],
+                         ids=["tp2", "dp2-ddp", "dp2-fsdp", "pp2"])
 def test_two_processes_match_the_single_process_run(world, single, layout):
     out = world / f"dist-{layout[0]}"
     proc = torchrun(world, out, *layout)
@@ -185,12 +186,13 @@ def test_init_from_an_hf_export_or_a_checkpoint(world, single, from_hf):
 
 
 @pytest.mark.dist
-def test_fsdp_resumes_from_a_single_process_checkpoint(world, single):
-    out = world / "fsdp-resumed"
+@pytest.mark.parametrize("layout", ["parallel.data_parallel=fsdp", "parallel.pp=2"], ids=["dp2-fsdp", "pp2"])
+def test_resumes_from_a_single_process_checkpoint(world, single, layout):
+    out = world / f"resumed-{layout}"
     (out / "checkpoints").mkdir(parents=True)
     shutil.copytree(single / "checkpoints" / "step-00000008", out / "checkpoints" / "step-00000008")
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics(single)[:8]))
-    proc = torchrun(world, out, "parallel.data_parallel=fsdp")
+    proc = torchrun(world, out, layout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     got, ref = metrics(out), metrics(single)
     assert [r["step"] for r in got] == list(range(1, STEPS + 1)) and got[:8] == ref[:8]
