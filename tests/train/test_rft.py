@@ -3,10 +3,10 @@
 Single process: the loss falls, metrics / checkpoints / HF export are written, a run resumed from
 its newest complete checkpoint writes the same metrics as the uninterrupted run, and a run started
 from the HF export (or the checkpoint) begins at the loss a plain full-logits computation gives.
-Under torchrun (2 gloo processes): tp=2 and dp=2 (DDP and FSDP2) reproduce the single-process run's
-per-step losses and gradient norms (fp32, <= 1e-5 relative; measured ~2e-7), FSDP2 also resumed from
-the single-process run's checkpoint, tp=2 also from the HF export, and an impossible layout exits
-non-zero with ParallelDims' message.
+Under torchrun (gloo): tp=2, dp=2 (DDP and FSDP2), pp=2 and pp=2 x dp=2 (FSDP2, 4 processes) reproduce
+the single-process run's per-step losses and gradient norms (fp32, <= 1e-5 relative; measured ~2e-7)
+and its final weights; FSDP2 and pp=2 also resumed from the single-process run's checkpoint, tp=2
+also from the HF export; an impossible layout exits non-zero with ParallelDims' message.
 """
 
 from __future__ import annotations
@@ -121,9 +121,9 @@ def test_config_errors_exit_2(world, capsys):
     assert "train.rft.batch_size (22) is larger than the 21 expert trajectories" in capsys.readouterr().err
 
 
-def torchrun(world: Path, out: Path, *overrides: str) -> subprocess.CompletedProcess:
+def torchrun(world: Path, out: Path, *overrides: str, nproc: int = 2) -> subprocess.CompletedProcess:
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "-m",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone", "-m",
            "sailor_engine.train", "--config", str(world / "run.yaml"), "--set", f"train.out_dir={out}"]
     for o in overrides:
         cmd += ["--set", o]
@@ -132,11 +132,12 @@ def torchrun(world: Path, out: Path, *overrides: str) -> subprocess.CompletedPro
 
 @pytest.mark.dist
 @pytest.mark.parametrize("layout", [("parallel.tp=2",), ("parallel.data_parallel=ddp",),
-                                    ("parallel.data_parallel=fsdp",), ("parallel.pp=2",)],
-                         ids=["tp2", "dp2-ddp", "dp2-fsdp", "pp2"])
-def test_two_processes_match_the_single_process_run(world, single, layout):
-    out = world / f"dist-{layout[0]}"
-    proc = torchrun(world, out, *layout)
+                                    ("parallel.data_parallel=fsdp",), ("parallel.pp=2",),
+                                    ("parallel.pp=2", "parallel.dp=2")],
+                         ids=["tp2", "dp2-ddp", "dp2-fsdp", "pp2", "pp2-dp2-fsdp-4procs"])
+def test_several_processes_match_the_single_process_run(world, single, layout):
+    out = world / f"dist-{'-'.join(layout)}"
+    proc = torchrun(world, out, *layout, nproc=4 if "parallel.dp=2" in layout else 2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     got, ref = metrics(out), metrics(single)
     assert [r["step"] for r in got] == [r["step"] for r in ref]
@@ -145,7 +146,7 @@ def test_two_processes_match_the_single_process_run(world, single, layout):
             assert abs(g[key] - r[key]) <= 1e-5 * abs(r[key]), (key, g, r)
         assert (g["tokens"], g["loss_tokens"], g["lr"]) == (r["tokens"], r["loss_tokens"], r["lr"])
     worst = max(abs(g["loss"] - r["loss"]) / r["loss"] for g, r in zip(got, ref))
-    print(f"{layout[0]}: max relative loss difference {worst:.1e}")
+    print(f"{' '.join(layout)}: max relative loss difference {worst:.1e}")
     full, theirs = load_hf(single / "hf"), load_hf(out / "hf")
     for (name, a), (_, b) in zip(full.named_parameters(), theirs.named_parameters()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
