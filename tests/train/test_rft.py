@@ -109,6 +109,9 @@ def test_data_order_and_shares():
     assert [[len(s.token_ids) for s in mb] for mb in micro_batches(shares, 10, 0)] == [[9, 3], [2]]
     mine = micro_batches(shares, 10, 1)
     assert len(mine) == 2 and mine[1][0].loss_mask == [0, 0] and len(mine[1][0].token_ids) == 2
+    # pipeline stages want >= 3 in flight: the largest micro-batch is halved while it holds several
+    assert [[len(s.token_ids) for s in mb] for mb in micro_batches(shares, 100, 0, at_least=3)] == [[9], [3], [2]]
+    assert [[len(s.token_ids) for s in mb] for mb in micro_batches(shares, 100, 1, at_least=3)] == [[7], [5], [2]]
 
 
 def test_config_errors_exit_2(world, capsys):
