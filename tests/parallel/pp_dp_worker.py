@@ -16,6 +16,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from worker_report import report
 
 from sailor_engine.kernels import fused_linear_logprob
 from sailor_engine.model import ModelConfig, Transformer
@@ -73,19 +74,9 @@ def main() -> int:
         if bad:
             failures.append(f"{name}: {bad}")
         worst[name] = max(errs.values())
-    everything = [None] * dist.get_world_size()
-    dist.all_gather_object(everything, (failures, worst))
-    ok = not any(fs for fs, _ in everything)
-    if dist.get_rank() == 0:
-        for fs, _ in everything:
-            for f in fs:
-                print("MISMATCH", f)
-        if ok:
-            for name in worst:
-                print(f"pp=2 x dp=2 fsdp {name}: max rel err {max(w[name] for _, w in everything):.1e}")
-            print("pp x dp matches single process")
+    code = report(failures, worst, label="pp=2 x dp=2 fsdp ", ok_line="pp x dp matches single process")
     dist.destroy_process_group()
-    return 0 if ok else 1
+    return code
 
 
 if __name__ == "__main__":
