@@ -4,6 +4,8 @@
     sailor-engine config [--fields]         the resolved config (or every field: type, default, meaning)
     sailor-engine synth --out DIR           tasks, offline web and tokenizer from a knowledge graph
     sailor-engine demo                      every stage of the pipeline on the embedded world, on the CPU
+    sailor-engine rft                       RFT training (= python -m sailor_engine.train; torchrun for more ranks)
+    sailor-engine export CKPT --out DIR     a training checkpoint (any tp layout) -> one HF directory
 
 Every command that reads a config takes `--config PATH` (.yaml / .yml / .toml / .json) and repeated
 `--set section.field=value`; the fields themselves are declared once, in the config Structs. A bad
@@ -141,6 +143,24 @@ def demo(args: argparse.Namespace) -> None:
     run_preview(demo_config(args.config, tuple(args.set)), rft_steps=args.rft_steps, rl_tasks=args.tasks)
 
 
+# --- rft / export -------------------------------------------------------------------------------------
+
+def rft(args: argparse.Namespace) -> int:
+    from sailor_engine.train.__main__ import main as train_main
+
+    argv = (["--config", args.config] if args.config else []) + [a for s in args.set for a in ("--set", s)]
+    return train_main(argv + ["--set", "train.mode=rft"])
+
+
+def export(args: argparse.Namespace) -> None:
+    import torch
+
+    from sailor_engine.parallel.checkpoint import export_hf
+
+    export_hf(args.checkpoint, args.out, dtype={"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype])
+    print(f"wrote {args.out}")
+
+
 COMMANDS = (
     Command("info", info, "print versions, CUDA devices, the Triton mode and the attention backends"),
     Command("config", show_config, "print the resolved config, or with --fields every field", config=True, args=(
@@ -155,6 +175,13 @@ COMMANDS = (
             config=True, args=(
         arg("--rft-steps", type=int, default=200, help="RFT optimizer steps before the rollouts (default: 200)"),
         arg("--tasks", type=int, default=8, help="held-out tasks rolled out, algo.group_size episodes each (default: 8)"),
+    )),
+    Command("rft", rft, "RFT training on expert trajectories (one process; use torchrun -m sailor_engine.train for more)",
+            config=True),
+    Command("export", export, "write one HF directory from a training checkpoint of any tp layout", args=(
+        arg("checkpoint", type=Path, help="a checkpoint directory (out_dir/checkpoints/step-N)"),
+        arg("--out", type=Path, required=True, metavar="DIR", help="output HF directory"),
+        arg("--dtype", choices=("keep", "fp32", "bf16"), default="keep", help="weights dtype (default: as saved)"),
     )),
 )
 

@@ -100,3 +100,23 @@ def test_info_lists_cuda_devices(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert cli._triton_mode(cuda=True) == "GPU"
     assert cli._triton_mode(cuda=False).startswith("unavailable: no CUDA device")
+
+
+def test_rft_reports_config_errors(capsys):
+    assert cli.main(["rft", "--set", "train.rft.lr=-1"]) == 2
+    assert "train.rft.lr must be > 0.0, got -1" in capsys.readouterr().err
+
+
+def test_export_writes_a_transformers_directory(tmp_path, capsys):
+    from sailor_engine.model import ModelConfig, Transformer, load_hf
+    from sailor_engine.parallel.checkpoint import save_checkpoint
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=2, num_kv_heads=1,
+                      qkv_bias=True)
+    model = Transformer(cfg).init_weights(generator=torch.Generator().manual_seed(0))
+    save_checkpoint(model, tmp_path / "ckpt")
+    assert cli.main(["export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf"), "--dtype", "bf16"]) == 0
+    again = load_hf(tmp_path / "hf")
+    assert again.embed_tokens.weight.dtype == torch.bfloat16
+    for (n, a), (_, b) in zip(model.named_parameters(), again.named_parameters()):
+        assert torch.equal(a.to(torch.bfloat16), b), n
