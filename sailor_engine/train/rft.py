@@ -7,7 +7,7 @@ One optimizer step:
 1. The global batch: `cfg.train.rft.batch_size` trajectories, the step's slice of a permutation of
    the data seeded by (train.seed, epoch) — a pure function of the step, identical on every rank,
    so resuming needs only the step (`batch_indices`).
-2. Dealt to the dp ranks balanced by token count (`deal`), then split in order into packed
+2. Dealt to the dp ranks balanced by token count (`deal`), then packed first-fit-decreasing into
    micro-batches of at most train.micro_batch_tokens (`micro_batches`; at least
    parallel.pp_microbatches under pipeline parallelism where the sequences allow). Every dp rank
    runs the same number of micro-batches (FSDP2 needs it; DDP is spared uneven waits): a rank with
@@ -43,7 +43,7 @@ from sailor_engine.parallel.checkpoint import MANIFEST, export_hf, read_manifest
 from sailor_engine.parallel.data import check_micro_batches, grad_sync, rft_loss, set_grad_sync, unwrap
 from sailor_engine.parallel.pipeline import MicroBatch, PipelineStage, one_f_one_b
 from sailor_engine.rl.loss import global_norm
-from sailor_engine.train.batching import Sequence, pack, split_by_tokens
+from sailor_engine.train.batching import Sequence, ffd_split, pack
 from sailor_engine.train.schedule import lr_at
 from sailor_engine.train.setup import Runtime, build_model, build_optimizer, load_rft_data, wrap_model
 from sailor_engine.train.state import is_fsdp, load_state, save_state
@@ -84,10 +84,10 @@ def deal(seqs: list[Sequence], dp: int) -> list[list[Sequence]]:
 
 def micro_batches(shares: list[list[Sequence]], budget: int, rank: int, at_least: int = 1) -> list[list[Sequence]]:
     """This rank's micro-batches (lists of sequences, <= budget positions each): every rank's share is
-    split in order by tokens, then (pipeline stages want >= parallel.pp_microbatches in flight) the
+    packed first-fit-decreasing by tokens, then (pipeline stages want >= parallel.pp_microbatches in flight) the
     largest micro-batch of several sequences is halved until `at_least` are reached or none can be;
     all ranks are padded to the same count with zero-loss 2-token micro-batches."""
-    splits = [split_by_tokens(s, budget) if s else [] for s in shares]
+    splits = [ffd_split(s, budget) if s else [] for s in shares]
     for mbs in splits:
         while len(mbs) < at_least and any(len(mb) > 1 for mb in mbs):
             i = max((i for i, mb in enumerate(mbs) if len(mb) > 1), key=lambda i: _positions(mbs[i]))
