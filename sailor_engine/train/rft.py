@@ -84,8 +84,8 @@ def deal(seqs: list[Sequence], dp: int) -> list[list[Sequence]]:
 
 def micro_batches(shares: list[list[Sequence]], budget: int, rank: int, at_least: int = 1) -> list[list[Sequence]]:
     """This rank's micro-batches (lists of sequences, <= budget positions each): every rank's share is
-    packed first-fit-decreasing by tokens, then (pipeline stages want >= parallel.pp_microbatches in flight) the
-    largest micro-batch of several sequences is halved until `at_least` are reached or none can be;
+    packed first-fit-decreasing by tokens, then (pipeline stages want >= parallel.pp_microbatches in
+    flight) the largest micro-batch of several sequences is halved until `at_least` are reached or none can be;
     all ranks are padded to the same count with zero-loss 2-token micro-batches."""
     splits = [ffd_split(s, budget) if s else [] for s in shares]
     for mbs in splits:
