@@ -6,8 +6,8 @@
 Without torchrun it runs in this one process (no process group). Under torchrun every rank
 initialises the process group (parallel.backend; auto: nccl on CUDA, gloo on CPU), takes the CUDA
 device of its LOCAL_RANK and builds the tp / dp groups of the layout. A bad config or layout exits 2
-with its message on stderr (every rank, no traceback), before any compute. RFT only for now:
-train.mode = rl is refused.
+with its message on stderr (every rank, no traceback), before any compute. train.mode picks the
+loop: rft (train/rft.py) or rl (train/rl.py).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ PROG = "sailor_engine.train"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description="RFT training (torchrun for several processes).")
+    p = argparse.ArgumentParser(prog=f"python -m {PROG}",
+                                description="RFT or RL training (torchrun for several processes).")
     p.add_argument("--config", metavar="PATH", help="config file: .yaml, .yml, .toml or .json")
     p.add_argument("--set", action="append", default=[], metavar="A.B=VALUE",
                    help="override one field, e.g. train.rft.lr=1e-5 (repeatable; value parsed as YAML)")
@@ -35,15 +36,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
-        if cfg.train.mode == "rl":
-            raise ConfigError("train.mode = 'rl': RL training is not wired into the trainer yet (RFT only); "
-                              "set train.mode=rft")
-        from sailor_engine.train.rft import train_rft  # torch and the model: after the config is known good
+        # torch and the model: after the config is known good
+        from sailor_engine.train.rft import train_rft
+        from sailor_engine.train.rl import train_rl
         from sailor_engine.train.setup import init_runtime
 
         rt = init_runtime(cfg)
         try:
-            train_rft(cfg, rt)
+            (train_rl if cfg.train.mode == "rl" else train_rft)(cfg, rt)
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()

@@ -107,9 +107,6 @@ def _check_wired(cfg: Config, dims: ParallelDims) -> None:
     if bf16:
         raise ConfigError(f"train.dtype = {cfg.train.dtype!r} means bf16 autocast here, which is not wired into "
                           "the trainer yet; set train.dtype=float32")
-    if cfg.train.mode != "rft":
-        raise ConfigError(f"train.mode = {cfg.train.mode!r}: RL training is not wired yet (RFT only); "
-                          "set train.mode=rft")
 
 
 # -- data --------------------------------------------------------------------------------------

@@ -115,8 +115,6 @@ def test_data_order_and_shares():
 
 
 def test_config_errors_exit_2(world, capsys):
-    assert main(["--config", str(world / "run.yaml"), "--set", "train.mode=rl"]) == 2
-    assert "RL training is not wired into the trainer yet (RFT only)" in capsys.readouterr().err
     assert main(["--config", str(world / "run.yaml"), "--set", f"train.data_dir={world}/nowhere"]) == 2
     assert "train.data_dir" in capsys.readouterr().err
     assert main(["--config", str(world / "run.yaml"), "--set", "train.rft.batch_size=22",

@@ -1,0 +1,382 @@
+"""The RL loop (DUPO / WebSailor-V2 under cfg.algo): colocated rollouts, rewards, DUPO batch, mini-batch updates.
+
+    rt = init_runtime(cfg)              # train.mode = rl
+    history = train_rl(cfg, rt)         # list of the per-step metrics (also in out_dir/metrics.jsonl)
+
+One RL step:
+1. Questions: train.rl.questions_per_step tasks of tasks.train.jsonl, a permutation seeded by
+   (train.seed, step) (`step_tasks`): a pure function of the step, so resuming needs only the step.
+2. Rollouts: the questions are dealt to the dp ranks in contiguous blocks; each rank runs
+   algo.group_size ReAct episodes per question with the Generator on the trainer's own module
+   (eval mode, inference) + AgentLoop + a ToolRunner over the offline search / visit. Episode e of
+   the step (e = task * G + sample, over the whole step) samples from the RNG seeded by
+   `episode_seed(seed, step, e)`, so a trajectory does not depend on which rank generated it.
+3. Rewards: every rank gathers all trajectories (all_gather_object over dp), scores them
+   (score_batch) and builds the same DUPO batch (build_batch, generator seeded by (algo.seed, step));
+   the slots are shuffled by the same generator and split into algo.updates_per_batch mini-batches.
+4. Updates: for each mini-batch, its sequences are dealt to the dp ranks and packed into
+   micro-batches exactly as the RFT loop does (`deal`, `micro_batches`); rl_loss over the fused
+   log-probs (temperature of the rollout) with old_logp = the sampling log-probs, normalised by
+   `global_norm` over the mini-batch (all micro-batches x dp ranks); grad norm over every shard, clip,
+   AdamW at train.rl.lr (schedule in optimizer steps). The first update is on-policy (ratio 1 up to
+   the sampling / training numerics, logged as logp_mismatch_max), later ones are not.
+A step with no informative group (or no loss token) is logged with `skipped` = its reason and no update.
+Checkpoints and resume as RFT (model, optimizer, step; the data position is the step itself).
+
+Not wired (refused by name): pp > 1; tp > 1 (the agent loop's batch composition follows tool
+timing, but tp ranks must run every forward in lockstep); FSDP2 (the generator runs the plain
+module: use parallel.data_parallel=ddp); dynamic sampling, the pre-filter pass, a judge, KL and
+entropy terms.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import torch
+import torch.distributed as dist
+
+from sailor_engine.config import Config, ConfigError
+from sailor_engine.env.runner import ToolLimits, ToolRunner
+from sailor_engine.env.tools import SearchTool, VisitTool
+from sailor_engine.kernels.logprob import fused_linear_logprob
+from sailor_engine.model import Tokenizer
+from sailor_engine.parallel.checkpoint import export_hf, read_manifest
+from sailor_engine.parallel.data import grad_sync, unwrap
+from sailor_engine.parallel.pipeline import MicroBatch
+from sailor_engine.rl.dupo import RLBatch, build_batch
+from sailor_engine.rl.loss import global_norm, rl_loss
+from sailor_engine.rl.rewards import RewardBatch, score_batch
+from sailor_engine.rollout.agent import AgentLoop, Trajectory
+from sailor_engine.rollout.format import ChatTemplate
+from sailor_engine.rollout.generator import Generator, SamplingParams
+from sailor_engine.synth.pipeline import load_world
+from sailor_engine.train.batching import Sequence, pack
+from sailor_engine.train.rft import (_barrier, _ckpt_root, _Log, clip_, complete_checkpoints, deal, global_grad_norm,
+                                     micro_batches)
+from sailor_engine.train.schedule import lr_at
+from sailor_engine.train.setup import Runtime, build_model, build_optimizer, wrap_model
+from sailor_engine.train.state import load_state, save_state
+
+# -- config checks -----------------------------------------------------------------------------
+
+
+def check_rl_config(cfg: Config, rt: Runtime, num_tasks: int) -> None:
+    """ConfigError naming the field for anything the RL trainer cannot run."""
+    a, p = cfg.algo, cfg.parallel
+    if rt.pp > 1:
+        raise ConfigError(f"parallel.pp = {rt.pp}: pipeline parallelism is not wired into the RL trainer "
+                          "(the generator runs the whole model on every rank); set parallel.pp=1")
+    if rt.tp > 1:
+        raise ConfigError(f"parallel.tp = {rt.tp}: not wired into the RL trainer yet (the agent loop's batches "
+                          "follow tool timing, tp ranks must run every forward in lockstep); set parallel.tp=1")
+    if rt.dp > 1 and p.data_parallel != "ddp":
+        raise ConfigError(f"parallel.data_parallel = {p.data_parallel!r}: the RL generator runs the plain module, "
+                          "which FSDP2 keeps sharded; set parallel.data_parallel=ddp")
+    refused = {"algo.dynamic_sampling": a.dynamic_sampling, "algo.judge": a.judge is not None,
+               "algo.kl_coef": a.kl_coef > 0, "algo.entropy_coef": a.entropy_coef > 0}
+    for name, on in refused.items():
+        if on:
+            raise ConfigError(f"{name}: not wired into the RL trainer yet; turn it off")
+    if a.prefilter != "none":
+        raise ConfigError(f"algo.prefilter = {a.prefilter!r}: the pre-filter pass is not wired into the RL "
+                          "trainer yet; set algo.prefilter=none")
+    if set(cfg.rollout.tools) - {"search", "visit"}:
+        raise ConfigError(f"rollout.tools = {list(cfg.rollout.tools)}: the RL trainer offers search and visit only")
+    q = cfg.train.rl.questions_per_step
+    if q > num_tasks:
+        raise ConfigError(f"train.rl.questions_per_step ({q}) is larger than the {num_tasks} training tasks "
+                          "of train.data_dir")
+    if q < a.updates_per_batch:
+        raise ConfigError(f"train.rl.questions_per_step ({q}) must be >= algo.updates_per_batch "
+                          f"({a.updates_per_batch}): each mini-batch holds at least one group")
+
+
+# -- data order and seeds ------------------------------------------------------------------------
+
+
+def step_tasks(step: int, num_tasks: int, count: int, seed: int) -> list[int]:
+    """The training tasks of RL step `step`: the first `count` of a permutation seeded by (seed, step)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.randperm(num_tasks, generator=g)[:count].tolist()
+
+
+def episode_seed(seed: int, step: int, episode: int, episodes_per_step: int) -> int:
+    """Sampling seed of episode `episode` (= task * G + sample) of a step: distinct over (seed, step, episode)."""
+    return (seed * 1_000_003 + step) * episodes_per_step + episode
+
+
+def block(n: int, parts: int, i: int) -> tuple[int, int]:
+    """[lo, hi) of part i when n items are cut into `parts` contiguous blocks (the first n % parts one longer)."""
+    size, extra = divmod(n, parts)
+    lo = i * size + min(i, extra)
+    return lo, lo + size + (i < extra)
+
+
+# -- rollouts ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollouts:
+    trajs: list[Trajectory]  # every rank's, ordered by (task, sample)
+    scored: RewardBatch
+    wall_s: float  # the slowest rank's
+    decode_s: float
+    tool_wait_s: float
+
+
+def roll_out(model, runner: ToolRunner, tpl: ChatTemplate, system: str | None, tasks: list, step: int,
+             cfg: Config, rt: Runtime) -> Rollouts:
+    """This rank's block of `tasks` x algo.group_size episodes, gathered over dp and scored."""
+    G, r = cfg.algo.group_size, cfg.rollout
+    lo, hi = block(len(tasks), rt.dp, rt.dp_rank)
+    tic = time.perf_counter()
+    params = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
+                            seed=episode_seed(cfg.train.seed, step, lo * G, len(tasks) * G))
+    max_len = r.max_context or model.cfg.max_position_embeddings
+    stats = {"decode_s": 0.0, "tool_wait_s": 0.0}
+    mine: list[Trajectory] = []
+    if hi > lo:
+        gen = Generator(model, max_batch=min(r.max_batch, (hi - lo) * G), max_seq_len=max_len)
+        loop = AgentLoop(gen, runner, tpl, params=params, max_turns=r.max_turns, system=system)
+        model.eval()
+        try:
+            mine = loop.run(tasks[lo:hi], group_size=G)
+        finally:
+            model.train()
+        stats = loop.stats
+    local = (mine, time.perf_counter() - tic, stats["decode_s"], stats["tool_wait_s"])
+    parts = [local]
+    if rt.dp_group is not None:
+        parts = [None] * rt.dp
+        dist.all_gather_object(parts, local, group=rt.dp_group)
+    trajs = [t for part in parts for t in part[0]]
+    answers = [[t.answer, *t.aliases] for t in tasks for _ in range(G)]
+    scored = score_batch([t.response for t in trajs], answers, cfg.algo)
+    return Rollouts(trajs, scored, max(p[1] for p in parts), max(p[2] for p in parts), max(p[3] for p in parts))
+
+
+def rl_batch(ro: Rollouts, cfg: Config, step: int) -> tuple[RLBatch, list[list[tuple[Sequence, float]]]]:
+    """The DUPO batch of a step and its mini-batches: (sequence, advantage) per trajectory of each."""
+    G, U = cfg.algo.group_size, cfg.algo.updates_per_batch
+    shape = (-1, G)
+    truncated = torch.tensor([t.status in ("max_turns", "max_context") for t in ro.trajs]).view(shape)
+    g = torch.Generator().manual_seed(cfg.algo.seed * 1_000_003 + step)
+    batch = build_batch(ro.scored.rewards.view(shape), ro.scored.correct.view(shape), truncated, cfg.algo, g)
+    if batch.skip_reason is not None:
+        return batch, []
+    slots = torch.randperm(len(batch.index), generator=g).tolist()  # duplicates spread over mini-batches
+    minis = []
+    for chunk in torch.tensor_split(torch.tensor(slots), U):
+        mb = []
+        for slot in chunk.tolist():
+            grp = int(batch.index[slot])
+            for j in range(G):
+                t = ro.trajs[grp * G + j]
+                mask = t.loss_mask if bool(batch.seq_keep[slot, j]) else [0] * len(t.loss_mask)
+                mb.append((Sequence(t.token_ids, mask, t.logprobs), float(batch.advantages[slot, j])))
+        minis.append(mb)
+    return batch, minis
+
+
+# -- one update --------------------------------------------------------------------------------
+
+
+def run_update(stage, model, mini: list[tuple[Sequence, float]], cfg: Config, rt: Runtime) -> dict | None:
+    """Forward + backward of this rank's share of one mini-batch; returns its global stats (None: no loss token)."""
+    adv = {id(s): a for s, a in mini}
+    seqs = [s for s, _ in mini]
+    mbs = micro_batches(deal(seqs, rt.dp), cfg.train.micro_batch_tokens, rt.dp_rank)
+    packed = [pack(mb).to(rt.device) for mb in mbs]
+    norm = global_norm([p.loss_mask for p in packed], [p.seq_ids for p in packed], dp_group=rt.dp_group)
+    if norm.num_tokens == 0:
+        return None
+    temperature = cfg.rollout.temperature or 1.0  # greedy samples log-probs at T = 1
+    sums = torch.zeros(4, dtype=torch.float64, device=rt.device)  # loss, clipped low, clipped high, tokens
+    mismatch = torch.zeros(1, dtype=torch.float64, device=rt.device)
+    for i, (mb, p) in enumerate(zip(mbs, packed)):
+        x = MicroBatch.packed(p.input_ids, p.cu_seqlens)
+        old = p.old_logp if p.old_logp is not None else torch.zeros_like(p.loss_mask)  # a padding micro-batch
+        a = torch.tensor([adv.get(id(s), 0.0) for s in mb], dtype=torch.float32, device=rt.device)
+        with grad_sync(stage, i == len(mbs) - 1):  # dp reduction once, after the last backward
+            hidden = stage(x.input_ids, x.cu_seqlens, x.positions)
+            logp = fused_linear_logprob(hidden, unwrap(stage).output_weight, p.targets, tp_group=model.tp_group,
+                                        temperature=temperature)
+            loss, st = rl_loss(logp, old, a, p.loss_mask, norm, cfg.algo, seq_ids=p.seq_ids)
+            loss.backward()
+        n = float(st["num_tokens"])
+        sums += torch.tensor([float(loss.detach()), float(st["clip_frac_low"]) * n, float(st["clip_frac_high"]) * n, n],
+                             dtype=torch.float64, device=rt.device)
+        diff = ((logp.detach() - old).abs() * (p.loss_mask != 0)).max() if p.loss_mask.numel() else 0.0
+        mismatch = torch.maximum(mismatch, torch.as_tensor(float(diff), dtype=torch.float64, device=rt.device))
+    if rt.dp_group is not None:
+        dist.all_reduce(sums, group=rt.dp_group)
+        dist.all_reduce(mismatch, op=dist.ReduceOp.MAX, group=rt.dp_group)
+    loss, low, high, n = sums.tolist()
+    return {"loss": loss, "clip_frac_low": low / n, "clip_frac_high": high / n, "loss_tokens": int(n),
+            "logp_mismatch_max": float(mismatch), "tokens": sum(len(s.token_ids) - 1 for s in seqs)}
+
+
+# -- metrics -----------------------------------------------------------------------------------
+
+
+def rollout_metrics(ro: Rollouts, batch: RLBatch) -> dict:
+    """Reward, accuracy, DUPO counts, turns, tool calls and errors, rollout throughput of one step."""
+    trajs, s = ro.trajs, ro.scored
+    calls = [c for t in trajs for c in t.tool_calls]
+    generated = sum(t.num_generated for t in trajs)
+    status = [t.status for t in trajs]
+    row = {"reward_mean": float(s.rewards.mean()), "accuracy": float(s.correct.float().mean()),
+           "format_ok": float(s.format_ok.float().mean()), "episodes": len(trajs),
+           "answered": status.count("answered"), "max_turns": status.count("max_turns"),
+           "max_context": status.count("max_context"),
+           "turns_mean": sum(t.turns for t in trajs) / len(trajs), "tool_calls": len(calls),
+           "tool_errors": sum(not c.ok for c in calls), "format_errors": sum(t.format_errors for t in trajs),
+           "rollout_tokens": generated, "rollout_tokens_per_s": generated / max(ro.wall_s, 1e-9),
+           "time_rollout": ro.wall_s, "time_decode": ro.decode_s, "time_tool_wait": ro.tool_wait_s}
+    row.update({f"dupo_{k}": v for k, v in batch.stats.items()})
+    return row
+
+
+class _RLLog(_Log):
+    def write(self, row: dict, total: int) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        train = (f"loss {row['loss']:.4f}  grad_norm {row['grad_norm']:.3f}" if row["skipped"] is None
+                 else f"skipped: {row['skipped']}")
+        print(f"rl step {row['step']}/{total}  reward {row['reward_mean']:.3f}  acc {row['accuracy']:.3f}  {train}  "
+              f"rollout {row['time_rollout']:.1f}s train {row['time_train']:.1f}s", flush=True)
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+
+
+def _extra(cfg: Config, step: int) -> dict:
+    return {"mode": "rl", "step": step, "seed": cfg.train.seed, "questions_per_step": cfg.train.rl.questions_per_step,
+            "group_size": cfg.algo.group_size}
+
+
+def _save(model, net, opt, cfg: Config, rt: Runtime, step: int) -> None:
+    save_state(model, net, opt, _ckpt_root(cfg) / f"step-{step:08d}", rt, _extra(cfg, step))
+    if rt.rank == 0:
+        for old in complete_checkpoints(_ckpt_root(cfg))[:-cfg.train.keep_last]:
+            shutil.rmtree(old)
+    _barrier(rt)
+
+
+def _resume(model, net, opt, cfg: Config, rt: Runtime) -> int:
+    """Load the newest complete RL checkpoint of out_dir (rank 0 picks it); the step to continue from."""
+    found = [str(p) for p in complete_checkpoints(_ckpt_root(cfg))[-1:]] or [None]
+    if rt.groups is not None:
+        dist.broadcast_object_list(found, src=0)
+    if found[0] is None:
+        return 0
+    extra = read_manifest(found[0])["extra"]
+    want = _extra(cfg, extra.get("step"))
+    diff = {k: (extra.get(k), v) for k, v in want.items() if extra.get(k) != v}
+    if diff:
+        raise ConfigError(f"train.resume: {found[0]} is not a checkpoint of this RL run "
+                          f"({', '.join(f'{k}: {a} then, {b} now' for k, (a, b) in diff.items())}); "
+                          "use another train.out_dir (train.init_from for an RFT checkpoint) or train.resume=false")
+    load_state(model, net, opt, found[0], rt)
+    return int(extra["step"])
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+
+def _world(cfg: Config):
+    d = Path(cfg.train.data_dir)
+    missing = [f for f in ("tasks.train.jsonl", "corpus.jsonl", "index", "tokenizer.json") if not (d / f).exists()]
+    if missing:
+        raise ConfigError(f"train.data_dir = {str(d)!r}: no {', '.join(missing)} there "
+                          "(expected a `sailor-engine synth --out DIR` output)")
+    return load_world(d, cfg.synth)
+
+
+def train_rl(cfg: Config, rt: Runtime) -> list[dict]:
+    """Run (or resume) the RL phase; returns this run's per-step metrics (on every rank)."""
+    t = cfg.train
+    world = _world(cfg)
+    check_rl_config(cfg, rt, len(world.train))
+    tok = Tokenizer(world.tokenizer)
+    tpl = ChatTemplate(tok)
+    # The system prompt the expert trajectories (so the RFT model) were rendered with.
+    system = msgspec.to_builtins(world.experts[0].messages[0])["content"] if world.experts else None
+    model = build_model(cfg, tok.vocab_size, rt)
+    stage = wrap_model(model, cfg, rt)
+    net = unwrap(stage)
+    opt = build_optimizer(net.parameters(), cfg)
+    for g in opt.param_groups:
+        g["weight_decay"] = t.rl.weight_decay
+    start = _resume(model, net, opt, cfg, rt) if t.resume else 0
+    log = _RLLog(Path(t.out_dir) / "metrics.jsonl", start, rt.rank == 0)
+    history, saved, t0 = [], start if start > 0 else None, time.perf_counter()
+    limits = ToolLimits(timeout_s=cfg.rollout.tool_timeout_s)
+    tools = {"search": SearchTool(world.web), "visit": VisitTool(world.web)}
+    with ToolRunner([tools[n] for n in cfg.rollout.tools], limits=limits,
+                    cache_size=cfg.rollout.tool_cache_size, seed=t.seed) as runner:
+        for step in range(start, t.rl.steps):
+            tasks = [world.train[i] for i in step_tasks(step, len(world.train), t.rl.questions_per_step, t.seed)]
+            ro = roll_out(model, runner, tpl, system, tasks, step, cfg, rt)
+            batch, minis = rl_batch(ro, cfg, step)
+            row = {"step": step + 1, **rollout_metrics(ro, batch),
+                   **_train(stage, model, net, opt, minis, step, cfg, rt)}
+            if row["skipped"] is None and batch.skip_reason is not None:
+                row["skipped"] = batch.skip_reason
+            row["time"] = time.perf_counter() - t0
+            history.append(row)
+            if (step + 1) % t.log_every == 0 or step + 1 == t.rl.steps:
+                log.write(row, t.rl.steps)
+            if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0:
+                _save(model, net, opt, cfg, rt, step + 1)
+                saved = step + 1
+    if saved != t.rl.steps:
+        _save(model, net, opt, cfg, rt, t.rl.steps)
+    if rt.rank == 0:
+        export_hf(_ckpt_root(cfg) / f"step-{t.rl.steps:08d}", Path(t.out_dir) / "hf")
+    _barrier(rt)
+    return history
+
+
+def _train(stage, model, net, opt, minis: list, step: int, cfg: Config, rt: Runtime) -> dict:
+    """algo.updates_per_batch optimizer steps, one per mini-batch; their metrics (lists per update)."""
+    t, U = cfg.train, cfg.algo.updates_per_batch
+    tic = time.perf_counter()
+    ups: list[dict] = []
+    skipped = None
+    for u, mini in enumerate(minis):
+        k = step * U + u  # optimizer step of the schedule
+        lr = lr_at(k, peak=t.rl.lr, warmup_steps=t.rl.warmup_steps, total_steps=t.rl.steps * U,
+                   min_lr_ratio=t.rl.min_lr_ratio, schedule=t.rl.schedule)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        st = run_update(stage, model, mini, cfg, rt)
+        if st is None:
+            opt.zero_grad(set_to_none=True)
+            skipped = f"mini-batch {u}: no loss token (every trajectory excluded)"
+            continue
+        gnorm = global_grad_norm(net, rt)
+        clip_(net, gnorm, t.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ups.append(dict(st, lr=lr, grad_norm=float(gnorm), update=u))
+    dt = time.perf_counter() - tic
+    if not ups:
+        return {"skipped": skipped, "loss": None, "losses": [], "grad_norm": None, "grad_norms": [], "lr": None,
+                "time_train": dt, "train_tokens_per_s": 0.0}
+    tokens = sum(x["tokens"] for x in ups)
+    return {"skipped": skipped, "loss": sum(x["loss"] for x in ups) / len(ups), "losses": [x["loss"] for x in ups],
+            "grad_norm": ups[-1]["grad_norm"], "grad_norms": [x["grad_norm"] for x in ups], "lr": ups[-1]["lr"],
+            "loss_tokens": sum(x["loss_tokens"] for x in ups), "train_tokens": tokens,
+            "clip_frac_low": [x["clip_frac_low"] for x in ups], "clip_frac_high": [x["clip_frac_high"] for x in ups],
+            # the first update's policy is the sampling policy: any difference is numerics
+            "logp_mismatch_max": ups[0]["logp_mismatch_max"] if ups[0]["update"] == 0 else None,
+            "time_train": dt, "train_tokens_per_s": tokens / dt}
