@@ -23,10 +23,14 @@ One RL step:
 A step with no informative group (or no loss token) is logged with `skipped` = its reason and no update.
 Checkpoints and resume as RFT (model, optimizer, step; the data position is the step itself).
 
-Not wired (refused by name): pp > 1; tp > 1 (the agent loop's batch composition follows tool
-timing, but tp ranks must run every forward in lockstep); FSDP2 (the generator runs the plain
-module: use parallel.data_parallel=ddp); dynamic sampling, the pre-filter pass, a judge, KL and
-entropy terms.
+Tensor parallelism: the ranks of a tp group roll out the same episodes and must run every
+generator forward in lockstep, but the agent loop's batches follow tool timing (an episode resumes
+when its tool call is done). So with tp > 1 tool calls complete before submit returns
+(`_Lockstep`): the schedule is then a function of the episodes alone, at the cost of not hiding
+tool latency behind decoding.
+
+Not wired (refused by name): pp > 1; FSDP2 (the generator runs the plain module: use
+parallel.data_parallel=ddp); dynamic sampling, the pre-filter pass, a judge, KL and entropy terms.
 """
 
 from __future__ import annotations
@@ -72,9 +76,6 @@ def check_rl_config(cfg: Config, rt: Runtime, num_tasks: int) -> None:
     if rt.pp > 1:
         raise ConfigError(f"parallel.pp = {rt.pp}: pipeline parallelism is not wired into the RL trainer "
                           "(the generator runs the whole model on every rank); set parallel.pp=1")
-    if rt.tp > 1:
-        raise ConfigError(f"parallel.tp = {rt.tp}: not wired into the RL trainer yet (the agent loop's batches "
-                          "follow tool timing, tp ranks must run every forward in lockstep); set parallel.tp=1")
     if rt.dp > 1 and p.data_parallel != "ddp":
         raise ConfigError(f"parallel.data_parallel = {p.data_parallel!r}: the RL generator runs the plain module, "
                           "which FSDP2 keeps sharded; set parallel.data_parallel=ddp")
@@ -121,6 +122,19 @@ def block(n: int, parts: int, i: int) -> tuple[int, int]:
 # -- rollouts ----------------------------------------------------------------------------------
 
 
+class _Lockstep:
+    """A ToolRunner whose submit returns a finished future: the agent loop's schedule no longer depends
+    on tool timing (see the module docstring)."""
+
+    def __init__(self, runner: ToolRunner):
+        self.runner, self.tools = runner, runner.tools
+
+    def submit(self, name: str, args):
+        fut = self.runner.submit(name, args)
+        fut.result()  # the runner never raises: failures come back as observations
+        return fut
+
+
 @dataclass
 class Rollouts:
     trajs: list[Trajectory]  # every rank's, ordered by (task, sample)
@@ -143,7 +157,8 @@ def roll_out(model, runner: ToolRunner, tpl: ChatTemplate, system: str | None, t
     mine: list[Trajectory] = []
     if hi > lo:
         gen = Generator(model, max_batch=min(r.max_batch, (hi - lo) * G), max_seq_len=max_len)
-        loop = AgentLoop(gen, runner, tpl, params=params, max_turns=r.max_turns, system=system)
+        loop = AgentLoop(gen, _Lockstep(runner) if rt.tp > 1 else runner, tpl, params=params,
+                         max_turns=r.max_turns, system=system)
         model.eval()
         try:
             mine = loop.run(tasks[lo:hi], group_size=G)

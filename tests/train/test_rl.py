@@ -5,7 +5,7 @@ decoder that memorises the expert trajectories; the RL tasks are those experts' 
 sampled episodes are well-formed and correct and others not: groups carry signal). Single process:
 two RL steps run end to end and write sane metrics (sampling and training log-probs agree at the
 first update, every counter adds up), and a run resumed from a checkpoint writes the uninterrupted
-run's metrics. Under torchrun (gloo) dp=2 (DDP) reproduces the single-process run: the same
+run's metrics. Under torchrun (gloo) dp=2 (DDP) and tp=2 reproduce the single-process run: the same
 trajectories (rewards, DUPO counts, tokens exactly) and per-step losses and gradient norms to
 1e-5 relative. pp=2 is refused with a message naming the field.
 """
@@ -150,12 +150,13 @@ def torchrun(world: Path, out: Path, *overrides: str, nproc: int = 2) -> subproc
 
 
 @pytest.mark.dist
-def test_dp2_matches_the_single_process_run(world, single):
-    out = world / "dp2"
-    proc = torchrun(world, out, "parallel.data_parallel=ddp")
+@pytest.mark.parametrize("layout", ["parallel.data_parallel=ddp", "parallel.tp=2"], ids=["dp2-ddp", "tp2"])
+def test_several_processes_match_the_single_process_run(world, single, layout):
+    out = world / f"dist-{layout}"
+    proc = torchrun(world, out, layout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     worst = assert_same_run(metrics(out), metrics(single))
-    print(f"dp2: max relative loss / grad-norm difference {worst:.1e}")
+    print(f"{layout}: max relative loss / grad-norm difference {worst:.1e}")
 
 
 @pytest.mark.dist
