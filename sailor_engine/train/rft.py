@@ -204,20 +204,23 @@ def _save(model, net, opt, cfg: Config, rt: Runtime, step: int, num_seqs: int) -
     return path
 
 
-def _resume(model, net, opt, cfg: Config, rt: Runtime, num_seqs: int) -> int:
-    """Load the newest complete checkpoint (rank 0 picks it for everyone); the step to continue from."""
+def resume_latest(model, net, opt, cfg: Config, rt: Runtime, want: dict, mismatch: str, advice: str) -> int:
+    """Load the newest complete checkpoint of out_dir (rank 0 picks it for everyone); the step to continue from.
+
+    want: manifest "extra" entries the checkpoint must carry (else a ConfigError: "<path> <mismatch>
+    (k: then, now; ...); use <advice> or train.resume=false").
+    """
     found = [str(p) for p in complete_checkpoints(_ckpt_root(cfg))[-1:]] or [None]
     if rt.groups is not None:
         dist.broadcast_object_list(found, src=0)
     if found[0] is None:
         return 0
     extra = read_manifest(found[0])["extra"]
-    want = {"num_seqs": num_seqs, "batch_size": cfg.train.rft.batch_size, "seed": cfg.train.seed}
     diff = {k: (extra.get(k), v) for k, v in want.items() if extra.get(k) != v}
     if diff:
-        raise ConfigError(f"train.resume: {found[0]} was saved with another data order "
+        raise ConfigError(f"train.resume: {found[0]} {mismatch} "
                           f"({', '.join(f'{k}: {a} then, {b} now' for k, (a, b) in diff.items())}); "
-                          "use another train.out_dir or train.resume=false")
+                          f"use {advice} or train.resume=false")
     load_state(model, net, opt, found[0], rt)
     return int(extra["step"])
 
@@ -261,7 +264,9 @@ def train_rft(cfg: Config, rt: Runtime) -> list[dict]:
     stage = wrap_model(model, cfg, rt)  # before the optimizer: FSDP2 replaces the parameters
     net = unwrap(stage)  # this rank's PipelineStage: what the optimizer, grad norm and checkpoints see
     opt = build_optimizer(net.parameters(), cfg)
-    start = _resume(model, net, opt, cfg, rt, n) if t.resume else 0
+    want = {"num_seqs": n, "batch_size": cfg.train.rft.batch_size, "seed": cfg.train.seed}
+    start = resume_latest(model, net, opt, cfg, rt, want, "was saved with another data order",
+                          "another train.out_dir") if t.resume else 0
     log = _Log(Path(t.out_dir) / "metrics.jsonl", start, rt.rank == 0)
     history, saved, t0 = [], start if start > 0 else None, time.perf_counter()
     for step in range(start, total):

@@ -50,7 +50,7 @@ from sailor_engine.env.runner import ToolLimits, ToolRunner
 from sailor_engine.env.tools import SearchTool, VisitTool
 from sailor_engine.kernels.logprob import fused_linear_logprob
 from sailor_engine.model import Tokenizer
-from sailor_engine.parallel.checkpoint import export_hf, read_manifest
+from sailor_engine.parallel.checkpoint import export_hf
 from sailor_engine.parallel.data import grad_sync, unwrap
 from sailor_engine.parallel.pipeline import MicroBatch
 from sailor_engine.rl.dupo import RLBatch, build_batch
@@ -62,10 +62,10 @@ from sailor_engine.rollout.generator import Generator, SamplingParams
 from sailor_engine.synth.pipeline import load_world
 from sailor_engine.train.batching import Sequence, pack
 from sailor_engine.train.rft import (_barrier, _ckpt_root, _Log, clip_, complete_checkpoints, deal, global_grad_norm,
-                                     micro_batches)
+                                     micro_batches, resume_latest)
 from sailor_engine.train.schedule import lr_at
 from sailor_engine.train.setup import Runtime, build_model, build_optimizer, wrap_model
-from sailor_engine.train.state import load_state, save_state
+from sailor_engine.train.state import save_state
 
 # -- config checks -----------------------------------------------------------------------------
 
@@ -273,9 +273,14 @@ class _RLLog(_Log):
 # -- checkpoints -------------------------------------------------------------------------------
 
 
-def _extra(cfg: Config, step: int) -> dict:
-    return {"mode": "rl", "step": step, "seed": cfg.train.seed, "questions_per_step": cfg.train.rl.questions_per_step,
+def _run_key(cfg: Config) -> dict:
+    """What a checkpoint must share with this run to be resumed by it."""
+    return {"mode": "rl", "seed": cfg.train.seed, "questions_per_step": cfg.train.rl.questions_per_step,
             "group_size": cfg.algo.group_size}
+
+
+def _extra(cfg: Config, step: int) -> dict:
+    return {**_run_key(cfg), "step": step}
 
 
 def _save(model, net, opt, cfg: Config, rt: Runtime, step: int) -> None:
@@ -284,24 +289,6 @@ def _save(model, net, opt, cfg: Config, rt: Runtime, step: int) -> None:
         for old in complete_checkpoints(_ckpt_root(cfg))[:-cfg.train.keep_last]:
             shutil.rmtree(old)
     _barrier(rt)
-
-
-def _resume(model, net, opt, cfg: Config, rt: Runtime) -> int:
-    """Load the newest complete RL checkpoint of out_dir (rank 0 picks it); the step to continue from."""
-    found = [str(p) for p in complete_checkpoints(_ckpt_root(cfg))[-1:]] or [None]
-    if rt.groups is not None:
-        dist.broadcast_object_list(found, src=0)
-    if found[0] is None:
-        return 0
-    extra = read_manifest(found[0])["extra"]
-    want = _extra(cfg, extra.get("step"))
-    diff = {k: (extra.get(k), v) for k, v in want.items() if extra.get(k) != v}
-    if diff:
-        raise ConfigError(f"train.resume: {found[0]} is not a checkpoint of this RL run "
-                          f"({', '.join(f'{k}: {a} then, {b} now' for k, (a, b) in diff.items())}); "
-                          "use another train.out_dir (train.init_from for an RFT checkpoint) or train.resume=false")
-    load_state(model, net, opt, found[0], rt)
-    return int(extra["step"])
 
 
 # -- the loop ----------------------------------------------------------------------------------
@@ -331,7 +318,8 @@ def train_rl(cfg: Config, rt: Runtime) -> list[dict]:
     opt = build_optimizer(net.parameters(), cfg)
     for g in opt.param_groups:
         g["weight_decay"] = t.rl.weight_decay
-    start = _resume(model, net, opt, cfg, rt) if t.resume else 0
+    start = resume_latest(model, net, opt, cfg, rt, _run_key(cfg), "is not a checkpoint of this RL run",
+                          "another train.out_dir (train.init_from for an RFT checkpoint)") if t.resume else 0
     log = _RLLog(Path(t.out_dir) / "metrics.jsonl", start, rt.rank == 0)
     history, saved, t0 = [], start if start > 0 else None, time.perf_counter()
     limits = ToolLimits(timeout_s=cfg.rollout.tool_timeout_s)
