@@ -6,8 +6,9 @@
 Without torchrun it runs in this one process (no process group). Under torchrun every rank
 initialises the process group (parallel.backend; auto: nccl on CUDA, gloo on CPU), takes the CUDA
 device of its LOCAL_RANK and builds the tp / dp groups of the layout. A bad config or layout exits 2
-with its message on stderr (every rank, no traceback), before any compute. train.mode picks the
-loop: rft (train/rft.py) or rl (train/rl.py).
+with its message on stderr (every rank, no traceback), before any compute; a run stopped by the
+non-finite guard (train.max_nonfinite_steps, train/guards.py) exits 3 with one line naming the step
+and the last good checkpoint. train.mode picks the loop: rft (train/rft.py) or rl (train/rl.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Sequence
 import torch.distributed as dist
 
 from sailor_engine.config import ConfigError, load_config
+from sailor_engine.train.guards import TrainingStopped
 
 PROG = "sailor_engine.train"
 
@@ -50,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:
+        print(f"{PROG}: stopped: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

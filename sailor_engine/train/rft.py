@@ -17,7 +17,9 @@ One optimizer step:
    summed over dp (data.py); with pp > 1 the micro-batches run through the stages by 1F1B and the
    loss is taken on the last stage. So any dp / tp / pp / micro-batch layout computes the
    single-process step.
-4. Grad norm over every shard and stage (`global_grad_norm`), clip, AdamW at the step's lr.
+4. Grad norm over every shard and stage (`global_grad_norm`), clip, AdamW at the step's lr. A step
+   whose loss or grad norm is not finite is skipped and logged; train.max_nonfinite_steps of them
+   in a row stop the run (train/guards.py).
 Rank 0 writes metrics.jsonl and a progress line every train.log_every steps. Checkpoints every
 train.checkpoint_every steps (and at the end) hold model, optimizer and {step, data position};
 keep_last are kept; with train.resume the newest complete one is loaded and metrics.jsonl cut back
@@ -44,6 +46,7 @@ from sailor_engine.parallel.data import check_micro_batches, grad_sync, rft_loss
 from sailor_engine.parallel.pipeline import MicroBatch, PipelineStage, one_f_one_b
 from sailor_engine.rl.loss import global_norm
 from sailor_engine.train.batching import Sequence, ffd_split, pack
+from sailor_engine.train.guards import NonFiniteGuard, json_row
 from sailor_engine.train.schedule import lr_at
 from sailor_engine.train.setup import Runtime, build_model, build_optimizer, load_rft_data, wrap_model
 from sailor_engine.train.state import is_fsdp, load_state, save_state
@@ -249,7 +252,11 @@ class _Log:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json_row(row) + "\n")
+        if row.get("skipped"):
+            print(f"step {row['step']}/{total}  skipped: {row['skipped']} (loss {row['loss']}, grad_norm "
+                  f"{row['grad_norm']})", flush=True)
+            return
         print(f"step {row['step']}/{total}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  grad_norm "
               f"{row['grad_norm']:.3f}  {row['tokens_per_s']:.0f} tok/s  {row['time']:.1f}s", flush=True)
 
@@ -269,6 +276,7 @@ def train_rft(cfg: Config, rt: Runtime) -> list[dict]:
                           "another train.out_dir") if t.resume else 0
     log = _Log(Path(t.out_dir) / "metrics.jsonl", start, rt.rank == 0)
     history, saved, t0 = [], start if start > 0 else None, time.perf_counter()
+    guard = NonFiniteGuard(t.max_nonfinite_steps, _ckpt_root(cfg) / f"step-{start:08d}" if start > 0 else None)
     for step in range(start, total):
         tic = time.perf_counter()
         lr = lr_at(step, peak=t.rft.lr, warmup_steps=t.rft.warmup_steps, total_steps=total,
@@ -281,17 +289,23 @@ def train_rft(cfg: Config, rt: Runtime) -> list[dict]:
         loss, loss_tokens = run_step(stage, model.tp_group, mbs, rt)
         positions = sum(len(s.token_ids) - 1 for s in batch)  # trained positions, padding left out
         gnorm = global_grad_norm(net, rt)
-        clip_(net, gnorm, t.grad_clip)
-        opt.step()
+        skipped = guard.check(loss, float(gnorm))  # the same on every rank: loss and norm are global
+        if skipped is None:
+            clip_(net, gnorm, t.grad_clip)
+            opt.step()
         opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - tic
         row = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": float(gnorm), "tokens": positions,
-               "loss_tokens": loss_tokens, "tokens_per_s": positions / dt, "time": time.perf_counter() - t0}
+               "loss_tokens": loss_tokens, "tokens_per_s": positions / dt, "time": time.perf_counter() - t0,
+               "skipped": skipped}
         history.append(row)
-        if (step + 1) % t.log_every == 0 or step + 1 == total:
+        if skipped or (step + 1) % t.log_every == 0 or step + 1 == total:
             log.write(row, total)
-        if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0:
-            _save(model, net, opt, cfg, rt, step + 1, n)
+        guard.stop_if_exhausted(step + 1)  # TrainingStopped: no checkpoint of this state
+        # A skipped step saves no checkpoint: it would restate the previous weights under a later step,
+        # and resuming from it would never retry the batches that failed.
+        if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and skipped is None:
+            guard.saved(_save(model, net, opt, cfg, rt, step + 1, n))
             saved = step + 1
     if saved != total:
         _save(model, net, opt, cfg, rt, total, n)

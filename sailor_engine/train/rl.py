@@ -21,6 +21,8 @@ One RL step:
    AdamW at train.rl.lr (schedule in optimizer steps). The first update is on-policy (ratio 1 up to
    the sampling / training numerics, logged as logp_mismatch_max), later ones are not.
 A step with no informative group (or no loss token) is logged with `skipped` = its reason and no update.
+An update whose loss or grad norm is not finite is skipped (`skipped` names its mini-batch, the
+step saves no checkpoint); train.max_nonfinite_steps such updates in a row stop the run (train/guards.py).
 Checkpoints and resume as RFT (model, optimizer, step; the data position is the step itself).
 
 Tensor parallelism: the ranks of a tp group roll out the same episodes and must run every
@@ -35,7 +37,6 @@ parallel.data_parallel=ddp); dynamic sampling, the pre-filter pass, a judge, KL 
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ from sailor_engine.rollout.format import ChatTemplate
 from sailor_engine.rollout.generator import Generator, SamplingParams
 from sailor_engine.synth.pipeline import load_world
 from sailor_engine.train.batching import Sequence, pack
+from sailor_engine.train.guards import NonFiniteGuard, json_row
 from sailor_engine.train.rft import (_barrier, _ckpt_root, _Log, clip_, complete_checkpoints, deal, global_grad_norm,
                                      micro_batches, resume_latest)
 from sailor_engine.train.schedule import lr_at
@@ -263,7 +265,7 @@ class _RLLog(_Log):
         if not self.enabled:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json_row(row) + "\n")
         train = (f"loss {row['loss']:.4f}  grad_norm {row['grad_norm']:.3f}" if row["skipped"] is None
                  else f"skipped: {row['skipped']}")
         print(f"rl step {row['step']}/{total}  reward {row['reward_mean']:.3f}  acc {row['accuracy']:.3f}  {train}  "
@@ -322,6 +324,7 @@ def train_rl(cfg: Config, rt: Runtime) -> list[dict]:
                           "another train.out_dir (train.init_from for an RFT checkpoint)") if t.resume else 0
     log = _RLLog(Path(t.out_dir) / "metrics.jsonl", start, rt.rank == 0)
     history, saved, t0 = [], start if start > 0 else None, time.perf_counter()
+    guard = NonFiniteGuard(t.max_nonfinite_steps, _ckpt_root(cfg) / f"step-{start:08d}" if start > 0 else None)
     limits = ToolLimits(timeout_s=cfg.rollout.tool_timeout_s)
     tools = {"search": SearchTool(world.web), "visit": VisitTool(world.web)}
     with ToolRunner([tools[n] for n in cfg.rollout.tools], limits=limits,
@@ -331,15 +334,17 @@ def train_rl(cfg: Config, rt: Runtime) -> list[dict]:
             ro = roll_out(model, runner, tpl, system, tasks, step, cfg, rt)
             batch, minis = rl_batch(ro, cfg, step)
             row = {"step": step + 1, **rollout_metrics(ro, batch),
-                   **_train(stage, model, net, opt, minis, step, cfg, rt)}
+                   **_train(stage, model, net, opt, minis, step, cfg, rt, guard)}
             if row["skipped"] is None and batch.skip_reason is not None:
                 row["skipped"] = batch.skip_reason
             row["time"] = time.perf_counter() - t0
             history.append(row)
             if (step + 1) % t.log_every == 0 or step + 1 == t.rl.steps:
                 log.write(row, t.rl.steps)
-            if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0:
+            guard.stop_if_exhausted(step + 1)  # TrainingStopped: no checkpoint of this state
+            if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and not row["nonfinite_updates"]:
                 _save(model, net, opt, cfg, rt, step + 1)
+                guard.saved(_ckpt_root(cfg) / f"step-{step + 1:08d}")
                 saved = step + 1
     if saved != t.rl.steps:
         _save(model, net, opt, cfg, rt, t.rl.steps)
@@ -349,12 +354,15 @@ def train_rl(cfg: Config, rt: Runtime) -> list[dict]:
     return history
 
 
-def _train(stage, model, net, opt, minis: list, step: int, cfg: Config, rt: Runtime) -> dict:
-    """algo.updates_per_batch optimizer steps, one per mini-batch; their metrics (lists per update)."""
+def _train(stage, model, net, opt, minis: list, step: int, cfg: Config, rt: Runtime, guard: NonFiniteGuard) -> dict:
+    """algo.updates_per_batch optimizer steps, one per mini-batch; their metrics (lists per update, of the
+    updates applied). An update with a non-finite loss or grad norm is skipped (guard); once the guard
+    is exhausted the step's remaining mini-batches are left out and the caller stops the run."""
     t, U = cfg.train, cfg.algo.updates_per_batch
     tic = time.perf_counter()
     ups: list[dict] = []
-    skipped = None
+    reasons: list[str] = []
+    nonfinite = 0
     for u, mini in enumerate(minis):
         k = step * U + u  # optimizer step of the schedule
         lr = lr_at(k, peak=t.rl.lr, warmup_steps=t.rl.warmup_steps, total_steps=t.rl.steps * U,
@@ -364,19 +372,29 @@ def _train(stage, model, net, opt, minis: list, step: int, cfg: Config, rt: Runt
         st = run_update(stage, model, mini, cfg, rt)
         if st is None:
             opt.zero_grad(set_to_none=True)
-            skipped = f"mini-batch {u}: no loss token (every trajectory excluded)"
+            reasons.append(f"mini-batch {u}: no loss token (every trajectory excluded)")
             continue
         gnorm = global_grad_norm(net, rt)
+        bad = guard.check(st["loss"], float(gnorm))  # the same on every rank: loss and norm are global
+        if bad is not None:
+            opt.zero_grad(set_to_none=True)
+            reasons.append(f"mini-batch {u}: {bad} (loss {st['loss']}, grad_norm {float(gnorm)})")
+            nonfinite += 1
+            if guard.exhausted:
+                break
+            continue
         clip_(net, gnorm, t.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         ups.append(dict(st, lr=lr, grad_norm=float(gnorm), update=u))
     dt = time.perf_counter() - tic
+    skipped = "; ".join(reasons) or None
     if not ups:
-        return {"skipped": skipped, "loss": None, "losses": [], "grad_norm": None, "grad_norms": [], "lr": None,
-                "time_train": dt, "train_tokens_per_s": 0.0}
+        return {"skipped": skipped, "nonfinite_updates": nonfinite, "loss": None, "losses": [], "grad_norm": None,
+                "grad_norms": [], "lr": None, "time_train": dt, "train_tokens_per_s": 0.0}
     tokens = sum(x["tokens"] for x in ups)
-    return {"skipped": skipped, "loss": sum(x["loss"] for x in ups) / len(ups), "losses": [x["loss"] for x in ups],
+    return {"skipped": skipped, "nonfinite_updates": nonfinite, "loss": sum(x["loss"] for x in ups) / len(ups),
+            "losses": [x["loss"] for x in ups],
             "grad_norm": ups[-1]["grad_norm"], "grad_norms": [x["grad_norm"] for x in ups], "lr": ups[-1]["lr"],
             "loss_tokens": sum(x["loss_tokens"] for x in ups), "train_tokens": tokens,
             "clip_frac_low": [x["clip_frac_low"] for x in ups], "clip_frac_high": [x["clip_frac_high"] for x in ups],
