@@ -175,7 +175,8 @@ def main(argv=None):
     p.add_argument("--impls", default="fused,naive", help=f"comma-separated, of {sorted(LOGPROB)}")
     p.add_argument("--reps", type=int, default=None, help="timed updates (default 5 on CPU, 10 on GPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed updates (default 1 on CPU, 2 on GPU)")
-    p.add_argument("--ceiling-n", type=int, default=None, help="matmul size of the ceiling (default: 8192 CUDA, 1024 CPU)")
+    p.add_argument("--ceiling-n", type=int, default=None,
+                   help="matmul size of the ceiling (default: 8192 CUDA, 1024 CPU)")
     p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
     p.add_argument("--no-record", action="store_true", help="print only; do not append to benchmarks/results")
     args = p.parse_args(argv)
@@ -190,8 +191,9 @@ def main(argv=None):
                                                        SIZES[args.config]))
     impls = [s.strip() for s in args.impls.split(",") if s.strip()]
     unknown = set(impls) - set(LOGPROB)
-    if unknown:
-        p.error(f"--impls: unknown {sorted(unknown)}; choose from {sorted(LOGPROB)}")
+    if unknown or not impls:
+        what = f"unknown {sorted(unknown)}" if unknown else "none given"
+        p.error(f"--impls: {what}; choose from {sorted(LOGPROB)}")
     reps = args.reps or (10 if cuda else 5)
     warmup = args.warmup if args.warmup is not None else (2 if cuda else 1)
     mcfg = model_config(args.config)
