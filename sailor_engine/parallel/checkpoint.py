@@ -17,10 +17,15 @@ Layout of a checkpoint directory:
 Crash safety: every file is written to a temporary name, fsync'ed and renamed into place; the
 manifest is written last, the same way, by tp rank 0 once every shard is on disk, and an old
 manifest is removed before the first shard is touched. A directory without manifest.json is an
-incomplete checkpoint and is refused. Loading reads, for each parameter, only the parts of the
-saved blocks that overlap the block this rank needs (`safe_open(...).get_slice`), so tp=2 -> tp=1,
-tp=1 -> tp=2 and anything else with the same model config work. Of dp replicas only dp rank 0
-writes; kv heads replicated over tp ranks are saved by each (a few small tensors) and read once.
+incomplete checkpoint and is refused. A save into a directory a killed save left behind first
+removes that save's temporary files (a shard each: model and optimizer state); `remove_checkpoint`
+deletes the manifest before anything else, so a deletion cut short never leaves a directory that
+looks complete.
+
+Loading reads, for each parameter, only the parts of the saved blocks that overlap the block this
+rank needs (`safe_open(...).get_slice`), so tp=2 -> tp=1, tp=1 -> tp=2 and anything else with the
+same model config work. Of dp replicas only dp rank 0 writes; kv heads replicated over tp ranks are
+saved by each (a few small tensors) and read once.
 
 Scope: parameters and any optimizer whose per-parameter state is tensors shaped like the parameter
 or scalars (SGD, Adam, AdamW; others are refused by name); data-loader and RNG state go in `extra`
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import msgspec
@@ -105,6 +111,8 @@ def save_checkpoint(model: Transformer, path: str | Path, groups: ParallelGroups
     if writer and rank == 0:
         path.mkdir(parents=True, exist_ok=True)
         (path / MANIFEST).unlink(missing_ok=True)  # from here on the directory is "incomplete"
+        for stale in path.glob(".*.tmp-*"):  # a killed save's (_atomic): no rank writes before the barrier
+            stale.unlink()
     _barrier(groups, group)
     if writer:
         _atomic(path / fname, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
@@ -132,6 +140,14 @@ def save_checkpoint(model: Transformer, path: str | Path, groups: ParallelGroups
         _atomic(path / MANIFEST, lambda tmp: Path(tmp).write_text(text))
         _fsync_dir(path)
     _barrier(groups, group)  # nobody reads before the manifest exists
+
+
+def remove_checkpoint(path: str | Path) -> None:
+    """Delete a checkpoint directory, its manifest first: if this is cut short, what is left is incomplete."""
+    path = Path(path)
+    (path / MANIFEST).unlink(missing_ok=True)
+    _fsync_dir(path)
+    shutil.rmtree(path)
 
 
 def read_manifest(path: str | Path) -> dict:

@@ -29,7 +29,6 @@ to it, so a resumed run writes the lines an uninterrupted one would. The end exp
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from torch.distributed.tensor import DTensor
 from sailor_engine.config import Config, ConfigError
 from sailor_engine.kernels.logprob import fused_linear_logprob
 from sailor_engine.model.parallelize import shard_plan
-from sailor_engine.parallel.checkpoint import MANIFEST, export_hf, read_manifest
+from sailor_engine.parallel.checkpoint import MANIFEST, export_hf, read_manifest, remove_checkpoint
 from sailor_engine.parallel.data import check_micro_batches, grad_sync, rft_loss, set_grad_sync, unwrap
 from sailor_engine.parallel.pipeline import MicroBatch, PipelineStage, one_f_one_b
 from sailor_engine.rl.loss import global_norm
@@ -202,7 +201,7 @@ def _save(model, net, opt, cfg: Config, rt: Runtime, step: int, num_seqs: int) -
     save_state(model, net, opt, path, rt, extra)
     if rt.rank == 0:
         for old in complete_checkpoints(_ckpt_root(cfg))[:-cfg.train.keep_last]:
-            shutil.rmtree(old)
+            remove_checkpoint(old)
     _barrier(rt)
     return path
 

@@ -37,7 +37,6 @@ parallel.data_parallel=ddp); dynamic sampling, the pre-filter pass, a judge, KL 
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +50,7 @@ from sailor_engine.env.runner import ToolLimits, ToolRunner
 from sailor_engine.env.tools import SearchTool, VisitTool
 from sailor_engine.kernels.logprob import fused_linear_logprob
 from sailor_engine.model import Tokenizer
-from sailor_engine.parallel.checkpoint import export_hf
+from sailor_engine.parallel.checkpoint import export_hf, remove_checkpoint
 from sailor_engine.parallel.data import grad_sync, unwrap
 from sailor_engine.parallel.pipeline import MicroBatch
 from sailor_engine.rl.dupo import RLBatch, build_batch
@@ -289,7 +288,7 @@ def _save(model, net, opt, cfg: Config, rt: Runtime, step: int) -> None:
     save_state(model, net, opt, _ckpt_root(cfg) / f"step-{step:08d}", rt, _extra(cfg, step))
     if rt.rank == 0:
         for old in complete_checkpoints(_ckpt_root(cfg))[:-cfg.train.keep_last]:
-            shutil.rmtree(old)
+            remove_checkpoint(old)
     _barrier(rt)
 
 
