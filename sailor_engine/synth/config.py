@@ -56,6 +56,7 @@ class SynthConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # Expert trajectories (RFT cold start).
     expert_max_tokens: Annotated[int, Meta(ge=16, description="Drop expert trajectories longer than this (trained tokenizer).")] = 2048
     expert_min_tool_calls: Annotated[int, Meta(ge=0, description="Drop expert trajectories with fewer tool calls.")] = 2
+    expert_fraction: Annotated[float, Meta(gt=0, le=1, description="Share of the training tasks (split by answer entity) given expert trajectories; the rest, with fresh answers, can form a disjoint RL pool (train.rl.exclude_expert_tasks).")] = 1.0
 
     def __post_init__(self) -> None:
         if self.subgraph_min_nodes > self.subgraph_max_nodes:

@@ -53,7 +53,8 @@ def _no_progress(desc: str, total: int) -> Advance:
     return lambda n: None
 
 
-def is_test(seed: int, entity_id: str, fraction: float) -> bool:
+def is_test(seed: int | str, entity_id: str, fraction: float) -> bool:
+    """Whether an entity falls in a `fraction` share keyed by `seed` (a hash: stable, independent of order)."""
     h = hashlib.blake2b(f"{seed}:{entity_id}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") / 2**64 < fraction
 
@@ -75,7 +76,9 @@ def synthesize(cfg: SynthConfig, rewrite: Rewrite | None = None, stage: Stage = 
     adv(1)
     web = OfflineWeb(pages, cfg.search_top_k, cfg.snippet_chars)
     adv(1)
-    trajs = expert_trajectories(g, web, urls, train, stage("expert trajectories", len(train)))
+    # The expert share by answer entity too (another hash): an RL pool of the rest has answers RFT never saw.
+    solve = [t for t in train if cfg.expert_fraction == 1 or is_test(f"{cfg.seed}:experts", t.answer_id, cfg.expert_fraction)]
+    trajs = expert_trajectories(g, web, urls, solve, stage("expert trajectories", len(solve)))
     adv = stage("tokenizer", 1)
     texts = [p.text for p in pages] + [t.question for t in tasks] + [chatml(t.messages) for t in trajs] + [SYSTEM_PROMPT]
     tok = train_tokenizer(texts, cfg.vocab_size, cfg.max_token_chars, cfg.min_pair_frequency)

@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 from sailor_engine.env.tools import SearchTool, VisitTool, call_tool
 from sailor_engine.model.tokenizer import SPECIAL_TOKENS
 from sailor_engine.synth.config import SynthConfig
-from sailor_engine.synth.pipeline import load_world, run_synth, synthesize
+from sailor_engine.synth.pipeline import is_test, load_world, run_synth, synthesize
 
 CFG = SynthConfig(seed=7, num_entities=300, num_questions=240, search_top_k=3, level_mix=(0.35, 0.4, 0.25),
                   expert_max_tokens=4096, vocab_size=1024)
@@ -226,3 +226,21 @@ def test_small_graph_reports_a_shortfall(tmp_path, capsys, triples):
 
 E_ANN = {"id": "a", "type": "person", "name": "Ann Lee"}
 E_BAY = {"id": "b", "type": "place", "name": "Bay"}
+
+
+def test_expert_fraction_leaves_a_pool_with_fresh_answers():
+    """synth.expert_fraction: experts only for a share of the training tasks chosen by answer entity,
+    so the other tasks (an RL pool) have answers no expert trajectory ever gave."""
+    cfg = msgspec.structs.replace(CFG, num_questions=120, expert_fraction=0.5)
+    w = synthesize(cfg)
+    full = synthesize(msgspec.structs.replace(cfg, expert_fraction=1.0))
+    assert [t.id for t in w.train] == [t.id for t in full.train]  # the split does not move tasks
+    by_id = {t.id: t for t in w.train}
+    expert_answers = {by_id[e.task_id].answer_id for e in w.experts}
+    pool = [t for t in w.train if t.id not in {e.task_id for e in w.experts}]
+    fresh = [t for t in pool if t.answer_id not in expert_answers]
+    assert 0 < len(w.experts) < len(full.experts) and len(fresh) > len(pool) // 2
+    # every expert is one the full run makes too (same oracle), restricted to the share
+    assert {e.task_id for e in w.experts} <= {e.task_id for e in full.experts}
+    share = {t.answer_id for t in w.train if is_test(f"{cfg.seed}:experts", t.answer_id, 0.5)}
+    assert expert_answers <= share
