@@ -29,6 +29,7 @@ to it, so a resumed run writes the lines an uninterrupted one would. The end exp
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -244,8 +245,11 @@ class _Log:
             path.parent.mkdir(parents=True, exist_ok=True)
             kept = []
             if start > 0 and path.exists():
-                kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start]
-            path.write_text("".join(ln + "\n" for ln in kept))
+                lines = [ln for ln in path.read_text().splitlines() if ln]
+                kept = [ln for i, ln in enumerate(lines) if _logged_step(path, ln, i + 1 == len(lines)) <= start]
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(ln + "\n" for ln in kept))
+            os.replace(tmp, path)  # killed here, the old lines or the kept ones remain, never none
 
     def write(self, row: dict, total: int) -> None:
         if not self.enabled:
@@ -258,6 +262,17 @@ class _Log:
             return
         print(f"step {row['step']}/{total}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  grad_norm "
               f"{row['grad_norm']:.3f}  {row['tokens_per_s']:.0f} tok/s  {row['time']:.1f}s", flush=True)
+
+
+def _logged_step(path: Path, line: str, last: bool) -> float:
+    """The step of a metrics line. Only the last line can have been cut short by a crash: it is
+    dropped (inf: after any checkpoint, its step is trained again)."""
+    try:
+        return json.loads(line)["step"]
+    except ValueError:
+        if last:
+            return float("inf")
+        raise ValueError(f"{path}: a line that is not JSON before the last one: {line[:80]!r}") from None
 
 
 def train_rft(cfg: Config, rt: Runtime) -> list[dict]:

@@ -1,7 +1,8 @@
 """Crash safety of the RFT trainer: SIGKILL during training and during a checkpoint write.
 
 Acceptance: a run killed with SIGKILL and started again (train.resume) writes the metrics the
-uninterrupted run writes, bit for bit on the CPU (timing fields aside); a kill during a checkpoint
+uninterrupted run writes, bit for bit on the CPU (timing fields aside), also when the last line of
+metrics.jsonl was cut short; a kill during a checkpoint
 write leaves the previous checkpoint complete and loadable to exactly the weights saved, the
 partial one is never taken for a checkpoint, and the next save into the same directory leaves no
 temporary file behind; a deletion of an old checkpoint (keep_last) cut short leaves nothing that
@@ -121,6 +122,8 @@ def test_sigkill_during_training_then_resume(world, uninterrupted):
     assert proc.returncode == -signal.SIGKILL
     newest = step_of(complete_checkpoints(out / "checkpoints")[-1])
     assert newest < STEPS and len(metrics(out)) > newest and not (out / "hf").exists()
+    with open(out / "metrics.jsonl", "a") as f:  # and as if the kill had cut a line short (a line is one write)
+        f.write('{"step": 99, "loss": 4.')
     assert main(args(world, out)) == 0
     assert same_run(metrics(out)) == same_run(metrics(uninterrupted))  # exact: CPU fp32 is deterministic
     assert_same_checkpoint(out / "checkpoints" / f"step-{STEPS:08d}", uninterrupted / "checkpoints" / f"step-{STEPS:08d}")
