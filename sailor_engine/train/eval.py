@@ -24,10 +24,14 @@ Under torchrun the tasks are dealt to the dp ranks in contiguous blocks and the 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -35,6 +39,8 @@ import torch.distributed as dist
 from sailor_engine.config import Config
 from sailor_engine.env.runner import ToolLimits, ToolRunner
 from sailor_engine.env.tools import SearchTool, VisitTool
+from sailor_engine.model import Transformer, load_hf
+from sailor_engine.parallel.checkpoint import MANIFEST, checkpoint_config, load_checkpoint
 from sailor_engine.rl.rewards import score_batch
 from sailor_engine.rollout.agent import AgentLoop
 from sailor_engine.rollout.format import ChatTemplate
@@ -130,6 +136,25 @@ class EvalResult:
                 "tool_calls_mean": sum(t.tool_calls for t in self.tasks) / max(1, self.samples * len(self.tasks)),
                 "wall_s": self.wall_s}
 
+    def save(self, path: str | Path) -> None:
+        """The summary and every task's outcome, as JSON (written to a temporary name, then renamed)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rec = {**self.summary(), "tasks": [dataclasses.asdict(t) for t in self.tasks]}
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(rec))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> EvalResult:
+        d = json.loads(Path(path).read_text())
+        return cls(d["mode"], d["temperature"], d["samples"], tuple(_task_result(t) for t in d["tasks"]), d["wall_s"])
+
+
+def _task_result(d: dict) -> TaskResult:
+    return TaskResult(d["id"], d["level"], d["hops"], tuple(d["correct"]), tuple(d["format_ok"]), tuple(d["turns"]),
+                      d["tool_calls"])
+
 
 def paired_difference(a: EvalResult, b: EvalResult) -> Estimate:
     """pass@1(a) - pass@1(b) over the tasks both evaluated, from the per-task differences."""
@@ -196,3 +221,15 @@ def evaluate(model, web, tpl: ChatTemplate, tasks: Sequence, cfg: Config, rt=Non
         wall = float(t)
     return EvalResult("greedy" if greedy else "sampled", 0.0 if greedy else r.temperature, G,
                       tuple(x for p in parts for x in p), wall)
+
+
+def load_policy(path: str | Path) -> Transformer:
+    """A model to evaluate, in fp32 on the CPU: an HF directory or an engine checkpoint (manifest.json)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not a directory (an HF model or an engine checkpoint)")
+    if (path / MANIFEST).is_file():
+        model = Transformer(checkpoint_config(path))
+        load_checkpoint(model, path)
+        return model
+    return load_hf(path, dtype=torch.float32)

@@ -169,3 +169,30 @@ def test_evaluate_rejects_bad_input(world):
         ev.evaluate(torch.nn.Linear(1, 1), world.web, tpl, world.test, cfg, samples=-1)
     with pytest.raises(ValueError, match="no tasks"):
         ev.evaluate(torch.nn.Linear(1, 1), world.web, tpl, [], cfg)
+
+
+def test_save_load_round_trip(tmp_path):
+    ts = (ev.TaskResult("a", 1, 1, (True, False), (True, True), (3, 4), 5),
+          ev.TaskResult("b", 2, 2, (False, False), (False, True), (2, 8), 7))
+    res = ev.EvalResult("sampled", 0.7, 2, ts, 1.5)
+    res.save(tmp_path / "e" / "r.json")
+    back = ev.EvalResult.load(tmp_path / "e" / "r.json")
+    assert back == res and back.summary() == res.summary()
+    assert [p.name for p in (tmp_path / "e").iterdir()] == ["r.json"]  # no temporary left
+
+
+def test_load_policy_reads_hf_and_engine_checkpoints(tmp_path):
+    from sailor_engine.model import ModelConfig, Transformer, save_hf
+    from sailor_engine.parallel.checkpoint import save_checkpoint
+
+    cfg = ModelConfig(family="qwen2", vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=1,
+                      num_heads=2, num_kv_heads=1, qkv_bias=True)
+    m = Transformer(cfg).init_weights(generator=torch.Generator().manual_seed(0))
+    save_hf(m, tmp_path / "hf")
+    save_checkpoint(m, tmp_path / "ckpt")
+    x = torch.randint(128, (1, 9))
+    for p in ("hf", "ckpt"):
+        got = ev.load_policy(tmp_path / p)
+        torch.testing.assert_close(got(x), m(x), rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        ev.load_policy(tmp_path / "missing")
