@@ -45,6 +45,16 @@ class RLConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     weight_decay: Annotated[float, Meta(ge=0, description="AdamW decoupled weight decay (not published for RL; the RFT value).")] = 0.1
     questions_per_step: Annotated[int, Meta(ge=1, description="Questions per rollout batch, over all dp ranks (paper: 128); split into algo.updates_per_batch mini-batches (paper: 4 x 32).")] = 128
     steps: Annotated[int, Meta(ge=1, description="Rollout batches (paper: <= 50).")] = 50
+    pool_size: Annotated[
+        Annotated[int, Meta(ge=1)] | None,
+        Meta(description="RL question pool: the first this many tasks of tasks.train.jsonl; None: all of them."),
+    ] = None
+    prefilter_tasks: Annotated[
+        Annotated[int, Meta(ge=1)] | None,
+        Meta(description="Pre-filter pass (algo.prefilter) over the first this many pool questions only, "
+                         "algo.group_size rollouts each; the rest stay unfiltered. None: the whole pool."),
+    ] = None
+    pool_refresh: Annotated[bool, Meta(description="During RL, retire a question whose latest group was all correct (also all wrong under algo.prefilter=solved_or_failed); no effect when algo.prefilter=none.")] = True
 
 
 class TrainConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
