@@ -32,7 +32,7 @@ import msgspec
 import torch
 from torch import Tensor
 
-from sailor_engine.model.transformer import Transformer
+from sailor_engine.model.transformer import FusedWeights, Transformer, fusable
 
 
 class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -123,6 +123,10 @@ class Generator:
         self._clock = itertools.count(1)
         self._rng = torch.Generator().manual_seed(seed)
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "evictions": 0}
+        # CPU: fused, transposed copies of the matrices (see FusedWeights), checked for staleness every
+        # step. Not on CUDA, where cuBLAS reads W.T natively and a second copy of a large model would
+        # only cost memory; not for stand-ins and sharded models, which keep their own forward_cached.
+        self.fused = FusedWeights(model) if self.device.type == "cpu" and fusable(model) else None
 
     # -- sessions ------------------------------------------------------------------------------
     def open_session(self) -> Session:
@@ -170,8 +174,13 @@ class Generator:
         ids = torch.tensor([t for c in chunks for t in c], device=self.device)
         cu = torch.tensor([0] + lens, device=self.device).cumsum(0)
         slots = torch.tensor([r.session.slot for r in self.running], device=self.device)
-        hidden = self.model.forward_cached(ids, cu, self.cache, slots)
-        logits = self.model.logits(hidden[cu[1:] - 1]).float()  # (R, V): last position of each chunk
+        if self.fused is None:
+            hidden = self.model.forward_cached(ids, cu, self.cache, slots)
+            logits = self.model.logits(hidden[cu[1:] - 1]).float()  # (R, V): last position of each chunk
+        else:
+            self.fused.refresh()
+            hidden = self.model.forward_cached(ids, cu, self.cache, slots, weights=self.fused)
+            logits = self.fused.logits(hidden[cu[1:] - 1]).float()
         for r, n in zip(self.running, lens):
             r.session.cached += n
         tokens, logps = self._sample(logits)
@@ -274,8 +283,9 @@ class Generator:
         z = logits if all(t == 1.0 for t in temps) else logits / torch.tensor(temps, device=logits.device)[:, None]
         sampled = [i for i, p in enumerate(ps) if not p.is_greedy]
         if not sampled:  # argmax, and log p = z_t - logsumexp(z): no (R, V) log-softmax written
-            tokens = z.argmax(-1)
-            return tokens, z.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(z, -1)
+            # max(-1) gives the first maximal index like argmax, with z_t alongside, ~3x faster on CPU
+            z_t, tokens = z.max(-1)
+            return tokens, z_t - torch.logsumexp(z, -1)
         logp = torch.log_softmax(z, dim=-1)
         tokens = logp.argmax(-1)
         idx = torch.tensor(sampled, device=logits.device)

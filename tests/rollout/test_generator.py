@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from sailor_engine.model import load_hf
+from sailor_engine.model import ModelConfig, Transformer, load_hf
+from sailor_engine.model.transformer import FusedWeights
 from sailor_engine.rollout.generator import Generator, SamplingParams, sample_from
 
 transformers = pytest.importorskip("transformers")
@@ -176,6 +177,68 @@ def test_sampling_law_chi_square():
     z = 3.09
     crit = df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
     assert chi2 < crit, (chi2, crit)
+
+
+FUSED_CFGS = {  # q/k/v bias + GQA (Qwen2), per-head q/k norm + untied head (Qwen3), no biases at all (Llama)
+    "qwen2": ModelConfig(family="qwen2", vocab_size=97, hidden_size=48, intermediate_size=80, num_layers=2,
+                         num_heads=6, num_kv_heads=2, qkv_bias=True),
+    "qwen3": ModelConfig(family="qwen3", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
+                         num_heads=4, num_kv_heads=4, head_dim=16, qk_norm=True, tie_word_embeddings=False),
+    "llama": ModelConfig(family="llama", vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=2,
+                         num_heads=4, num_kv_heads=1, o_bias=True, mlp_bias=True),
+}
+
+
+@pytest.mark.parametrize("name", FUSED_CFGS)
+def test_fused_weights_match_the_module_path(name):
+    """Prefill of ragged chunks into scattered slots, then decode steps: FusedWeights' forward and
+    logits against the nn.Module forward, each step on a copy of the same cache."""
+    cfg = FUSED_CFGS[name]
+    model = Transformer(cfg).init_weights(std=0.2, generator=torch.Generator().manual_seed(1)).eval()
+    fused = FusedWeights(model)
+    g = torch.Generator().manual_seed(2)
+    slots = torch.tensor([3, 0, 2])
+    a, b = model.new_kv_cache(4, 24), model.new_kv_cache(4, 24)
+    lens = [5, 1, 9]
+    ids = torch.randint(0, cfg.vocab_size, (sum(lens),), generator=g)
+    cu = torch.tensor([0] + lens).cumsum(0)
+    with torch.inference_mode():
+        for step in range(4):
+            want = model.logits(model.forward_cached(ids, cu, a, slots))
+            got = fused.logits(model.forward_cached(ids, cu, b, slots, weights=fused))
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(b.k, a.k, atol=2e-5, rtol=1e-5)
+            live = slots[: 3 - step % 2]  # decode, sometimes with a slot sitting out (non-contiguous span)
+            ids = torch.randint(0, cfg.vocab_size, (len(live),), generator=g)
+            cu, slots = torch.arange(len(live) + 1), live
+    assert a.lengths.tolist() == b.lengths.tolist()
+
+
+def test_fused_copies_follow_in_place_weight_updates(hf_pair):
+    """The trainer updates the weights in place between rollouts: an optimizer step must reach the
+    fused copies of a Generator built before it (version counters), and generation must equal the
+    module path's on the new weights."""
+    _, ours = hf_pair
+    model = Transformer(ours.cfg)
+    model.load_state_dict(ours.state_dict())
+    model.eval()
+    ps = prompts(83, seed=7)
+    params = SamplingParams(greedy=True, max_new_tokens=8)
+    gen = Generator(model, max_batch=6, max_seq_len=64)
+    assert gen.fused is not None  # CPU, plain Transformer: the fused path is the one under test
+    before = gen.generate(ps, params)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    loss = model(torch.tensor([ps[4]])).logsumexp(-1).mean()
+    loss.backward()
+    opt.step()
+    after = gen.generate(ps, params)
+    plain = Generator(model, max_batch=6, max_seq_len=64)
+    plain.fused = None  # the nn.Module path
+    want = plain.generate(ps, params)
+    assert [c.token_ids for c in after] == [c.token_ids for c in want]
+    for c, w in zip(after, want):
+        torch.testing.assert_close(torch.tensor(c.logprobs), torch.tensor(w.logprobs), atol=2e-5, rtol=0)
+    assert [c.token_ids for c in after] != [c.token_ids for c in before]  # the update did change the policy
 
 
 def _drain(gen):
