@@ -121,7 +121,8 @@ def run_step(stage: nn.Module, tp_group, mbs: list[list[Sequence]], rt: Runtime)
     net = unwrap(stage)
 
     def loss_fn(hidden: torch.Tensor, i: int) -> torch.Tensor:  # micro-batch i's share of the step's loss
-        logp = fused_linear_logprob(hidden, net.output_weight, packed[i].targets, tp_group=tp_group)
+        # fp32 loss math on fp32 log-probs; the head's matmul in rt's compute dtype (setup.Runtime)
+        logp = fused_linear_logprob(*rt.head_inputs(hidden, net.output_weight), packed[i].targets, tp_group=tp_group)
         return rft_loss(logp, packed[i].loss_mask, norm)
 
     mbs = [MicroBatch.packed(p.input_ids, p.cu_seqlens) for p in packed]
@@ -129,15 +130,18 @@ def run_step(stage: nn.Module, tp_group, mbs: list[list[Sequence]], rt: Runtime)
     if rt.pp > 1:
         last = net.is_last
         sync = (lambda i, is_last: set_grad_sync(stage, is_last)) if rt.dp > 1 else None  # noqa: E731
-        out = one_f_one_b(stage, mbs if net.is_first else None, loss_fn if last else None, rt.groups.pp,
-                          before_backward=sync)
+        # only the stage's forwards under autocast: one_f_one_b runs the backwards itself
+        out = one_f_one_b(rt.autocast_calls(stage), mbs if net.is_first else None, loss_fn if last else None,
+                          rt.groups.pp, before_backward=sync)
         if last:
             loss += out
         dist.all_reduce(loss, group=rt.groups.pp)  # from the last stage to every stage
     else:
         for i, mb in enumerate(mbs):
             with grad_sync(stage, i == len(mbs) - 1):  # dp reduction once, after the last backward
-                part = loss_fn(stage(mb.input_ids, mb.cu_seqlens, mb.positions), i)
+                with rt.autocast():  # the forward only: a backward under autocast would downcast too
+                    hidden = stage(mb.input_ids, mb.cu_seqlens, mb.positions)
+                part = loss_fn(hidden, i)
                 part.backward()
             loss += part.detach()
     if rt.dp_group is not None:

@@ -220,9 +220,10 @@ def run_update(stage, model, mini: list[tuple[Sequence, float]], cfg: Config, rt
         old = p.old_logp if p.old_logp is not None else torch.zeros_like(p.loss_mask)  # a padding micro-batch
         a = torch.tensor([adv.get(id(s), 0.0) for s in mb], dtype=torch.float32, device=rt.device)
         with grad_sync(stage, i == len(mbs) - 1):  # dp reduction once, after the last backward
-            hidden = stage(x.input_ids, x.cu_seqlens, x.positions)
-            logp = fused_linear_logprob(hidden, unwrap(stage).output_weight, p.targets, tp_group=model.tp_group,
-                                        temperature=temperature)
+            with rt.autocast():  # the forward only (setup.Runtime); log-probs and loss stay fp32
+                hidden = stage(x.input_ids, x.cu_seqlens, x.positions)
+            logp = fused_linear_logprob(*rt.head_inputs(hidden, unwrap(stage).output_weight), p.targets,
+                                        tp_group=model.tp_group, temperature=temperature)
             loss, st = rl_loss(logp, old, a, p.loss_mask, norm, cfg.algo, seq_ids=p.seq_ids)
             loss.backward()
         n = float(st["num_tokens"])

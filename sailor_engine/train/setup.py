@@ -10,13 +10,24 @@ Every problem a user can fix in the config or the data (a layout the world size 
 missing data_dir, a batch larger than the data, a parallel feature not wired yet) raises ConfigError
 naming the field, before any compute, so the entry point exits 2 with the message on every rank.
 
-Not wired yet, and refused by name: sequence parallelism and bf16 autocast (train.dtype=auto on CUDA
-resolves to it). With pipeline stages every rank still builds (or loads) the whole model and keeps
+Precision (train.dtype; auto is bf16 on CUDA, fp32 on CPU; bfloat16 forces it, on CPU too): parameters,
+gradients and AdamW state stay fp32 (the master weights); `rt.autocast()` runs a forward under
+torch.autocast(bf16), so every matmul takes bf16 inputs with fp32 accumulation while the residual
+stream, norms and softmax stay fp32. The LM head is the fused log-prob kernel, which autocast does
+not see: `rt.head_inputs(hidden, weight)` hands it both in bf16 (as autocast would a linear), and the
+kernel keeps the log-softmax and its output in fp32, which the losses need (exp(logp - old_logp) is
+a ratio). Backwards run outside autocast (torch's advice: on CPU an enclosing autocast would also
+downcast the backward's matmuls); gradients reach the fp32 parameters through the casts.
+
+Not wired yet, and refused by name: sequence parallelism; bf16 with the xformers attention backend
+(RoPE's fp32 tables promote q and k to fp32 under autocast while v stays bf16, which xformers
+refuses). With pipeline stages every rank still builds (or loads) the whole model and keeps
 only its stage's layers: fine for the sizes tested here, a meta-device build is the next step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -30,6 +41,7 @@ from torch import nn
 
 from sailor_engine.config import Config, ConfigError
 from sailor_engine.model import Tokenizer, Transformer, load_hf
+from sailor_engine.model.attention import resolve_backend
 from sailor_engine.model.parallelize import check_tp_layout, load_hf_tp, parallelize_tp
 from sailor_engine.parallel.checkpoint import MANIFEST, checkpoint_config, load_checkpoint
 from sailor_engine.parallel.data import data_parallel
@@ -43,11 +55,36 @@ from sailor_engine.train.batching import Sequence
 
 @dataclass(frozen=True)
 class Runtime:
-    """Where this process runs: its groups (None without torchrun), global rank and device."""
+    """Where this process runs: its groups (None without torchrun), global rank, device, and the dtype
+    its forwards compute in (`compute_dtype`: bf16 under autocast, None for plain fp32)."""
 
     groups: ParallelGroups | None
     rank: int
     device: torch.device
+    compute_dtype: torch.dtype | None = None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """A fresh context to run one forward in: torch.autocast(compute_dtype) on this device, or none."""
+        if self.compute_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+    def head_inputs(self, hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden (N, H) and the LM head weight (V, H) in the compute dtype, for fused_linear_logprob.
+
+        The kernel requires one dtype and is invisible to autocast; bf16 here is autocast's choice for a
+        linear (the final norm hands over fp32 hidden). Its logits accumulate in fp32 and its log-probs
+        are fp32, so the loss math is fp32 either way; the weight's gradient reaches the fp32 master
+        through the cast."""
+        if self.compute_dtype is None:
+            return hidden, weight
+        return hidden.to(self.compute_dtype), weight.to(self.compute_dtype)
+
+    def autocast_calls(self, module: nn.Module):
+        """`module` itself in fp32; else a stand-in whose calls run under autocast, every other attribute
+        being the module's. For a schedule that calls the module between backwards of its own
+        (one_f_one_b): its forwards are autocast, its backwards are not."""
+        return module if self.compute_dtype is None else _AutocastCalls(module, self)
 
     @property
     def dp(self) -> int:
@@ -74,6 +111,18 @@ class Runtime:
         return 0 if self.groups is None else self.groups.pp_rank
 
 
+class _AutocastCalls:
+    def __init__(self, module: nn.Module, rt: Runtime):
+        self._module, self._rt = module, rt
+
+    def __call__(self, *args, **kwargs):
+        with self._rt.autocast():
+            return self._module(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._module, name)
+
+
 def init_runtime(cfg: Config) -> Runtime:
     """Under torchrun (WORLD_SIZE set): check the layout, init the process group, build the groups."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -83,8 +132,9 @@ def init_runtime(cfg: Config) -> Runtime:
         raise ConfigError(str(e)) from None
     _check_wired(cfg, dims)
     cuda = torch.cuda.is_available()
+    dtype = compute_dtype(cfg, torch.device("cuda" if cuda else "cpu"))
     if "WORLD_SIZE" not in os.environ:
-        return Runtime(None, 0, torch.device("cuda" if cuda else "cpu"))
+        return Runtime(None, 0, torch.device("cuda" if cuda else "cpu"), dtype)
     device = torch.device("cpu")
     if cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -92,7 +142,7 @@ def init_runtime(cfg: Config) -> Runtime:
     backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if cuda else "gloo")
     dist.init_process_group(backend, timeout=timedelta(seconds=cfg.parallel.timeout_s),
                             device_id=device if backend == "nccl" else None)
-    return Runtime(dims.build(), dist.get_rank(), device)
+    return Runtime(dims.build(), dist.get_rank(), device, dtype)
 
 
 def _check_wired(cfg: Config, dims: ParallelDims) -> None:
@@ -103,10 +153,21 @@ def _check_wired(cfg: Config, dims: ParallelDims) -> None:
     if p.sequence_parallel:
         raise ConfigError("parallel.sequence_parallel: not wired into the trainer yet (packs would need padding "
                           "to a multiple of tp); set it to false")
-    bf16 = cfg.train.dtype == "bfloat16" or (cfg.train.dtype == "auto" and torch.cuda.is_available())
-    if bf16:
-        raise ConfigError(f"train.dtype = {cfg.train.dtype!r} means bf16 autocast here, which is not wired into "
-                          "the trainer yet; set train.dtype=float32")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backend = cfg.model.attn_backend
+    if backend == "auto":  # as the model resolves it: by the parameters' dtype, fp32
+        backend = resolve_backend(backend, device, torch.float32)
+    if compute_dtype(cfg, device) is not None and backend == "xformers":
+        raise ConfigError(f"model.attn_backend = {cfg.model.attn_backend!r} resolves to xformers, which refuses the "
+                          f"mixed q/k (fp32) and v (bf16) of a forward under train.dtype = {cfg.train.dtype!r} (bf16 "
+                          "autocast); set model.attn_backend=flex or sdpa, or train.dtype=float32")
+
+
+def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """train.dtype on `device`: bf16 (forwards under autocast, fp32 master weights) for bfloat16, and for auto
+    on CUDA; None (plain fp32) for float32, and for auto on CPU, where bf16 matmuls are no faster."""
+    d = cfg.train.dtype
+    return torch.bfloat16 if d == "bfloat16" or (d == "auto" and device.type == "cuda") else None
 
 
 # -- data --------------------------------------------------------------------------------------
