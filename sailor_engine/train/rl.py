@@ -204,7 +204,14 @@ def rl_batch(ro: Rollouts, cfg: Config, step: int) -> tuple[RLBatch, list[list[t
 
 
 def run_update(stage, model, mini: list[tuple[Sequence, float]], cfg: Config, rt: Runtime) -> dict | None:
-    """Forward + backward of this rank's share of one mini-batch; returns its global stats (None: no loss token)."""
+    """Forward + backward of this rank's share of one mini-batch; returns its global stats (None: no loss token).
+
+    Under bf16 (rt.compute_dtype) the forward runs under autocast, but the Generator sampled with the
+    fp32 module: the first update's logp_mismatch_max is then bf16 noise, which grows with the logits
+    (the test_rl world: ~4e-6 in fp32, ~0.2 in bf16 on its memorised RFT model, first-update clip
+    fractions still 0; bf16 on the LM head alone moves it little), not a bug. Rollouts stay fp32: the
+    Generator's logits and KV cache are fp32, and an autocast around it would round its logits to bf16.
+    """
     adv = {id(s): a for s, a in mini}
     seqs = [s for s, _ in mini]
     mbs = micro_batches(deal(seqs, rt.dp), cfg.train.micro_batch_tokens, rt.dp_rank)
