@@ -232,7 +232,8 @@ class CachedAttention:
     Keys and values are read as a *view* of the cache rows [lo, hi) spanning the slots, never
     gathered: rows of that span not in this call get one dummy query that sees one key, and their
     outputs are dropped. When the slots are exactly lo..hi-1 in order and every chunk is one token
-    (the common decode step), queries and outputs need no scatter or gather either.
+    (the common decode step), queries and outputs need no scatter or gather either. When every chunk
+    starts an empty slot (a first prefill), attention runs per sequence on the new keys alone.
 
     Decode (every chunk one token) takes a shorter path: no per-token index bookkeeping, and the
     g = heads / kv_heads query heads sharing a kv head become g query *rows* of that kv head, so SDPA
@@ -262,6 +263,9 @@ class CachedAttention:
         if self.decode:
             self._init_decode(start, contiguous, max(k_max, 1))
             return
+        # every chunk a whole new sequence (first turn): its keys are its own k, v, so causal
+        # attention per sequence skips the padded (R, q_max, k_max) grid (~1.8x faster on CPU)
+        self.fresh = VarlenAttention(cu_seqlens, "sdpa") if not bool(start.any()) and bool((n > 0).all()) else None
         N = int(n.sum())
         seq_of_tok = torch.repeat_interleave(torch.arange(S, device=dev), n, output_size=N)
         offset = torch.arange(N, device=dev) - cu_seqlens[:-1].to(dev, torch.int64)[seq_of_tok]
@@ -300,6 +304,8 @@ class CachedAttention:
         vals = c.v[layer, self.lo:self.hi, :, : self.k_max].to(q.dtype)
         if self.decode:
             return self._decode(q, keys, vals)
+        if self.fresh is not None:
+            return self.fresh(layer, q, k, v)
         if self.direct:
             qp = q[:, None]
         else:

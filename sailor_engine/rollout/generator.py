@@ -176,11 +176,12 @@ class Generator:
         slots = torch.tensor([r.session.slot for r in self.running], device=self.device)
         if self.fused is None:
             hidden = self.model.forward_cached(ids, cu, self.cache, slots)
-            logits = self.model.logits(hidden[cu[1:] - 1]).float()  # (R, V): last position of each chunk
         else:
             self.fused.refresh()
             hidden = self.model.forward_cached(ids, cu, self.cache, slots, weights=self.fused)
-            logits = self.fused.logits(hidden[cu[1:] - 1]).float()
+        if len(ids) > len(lens):  # some chunk is longer than one token: keep the last position of each
+            hidden = hidden[cu[1:] - 1]
+        logits = (self.model.logits(hidden) if self.fused is None else self.fused.logits(hidden)).float()  # (R, V)
         for r, n in zip(self.running, lens):
             r.session.cached += n
         tokens, logps = self._sample(logits)
@@ -287,12 +288,15 @@ class Generator:
             z_t, tokens = z.max(-1)
             return tokens, z_t - torch.logsumexp(z, -1)
         logp = torch.log_softmax(z, dim=-1)
-        tokens = logp.argmax(-1)
-        idx = torch.tensor(sampled, device=logits.device)
         u = torch.cat([torch.rand(1, generator=self.running[i].rng) for i in sampled]).to(logits.device)
         top_p = torch.tensor([ps[i].top_p for i in sampled], device=logits.device)
         top_k = torch.tensor([ps[i].top_k for i in sampled], device=logits.device)
-        tokens[idx] = sample_from(logp[idx], u, top_p, top_k)
+        if len(sampled) == len(ps):  # no greedy row: no argmax over the batch, no row gather
+            tokens = sample_from(logp, u, top_p, top_k)
+        else:
+            tokens = logp.max(-1).indices  # greedy rows: the first maximal index, as argmax
+            idx = torch.tensor(sampled, device=logits.device)
+            tokens[idx] = sample_from(logp[idx], u, top_p, top_k)
         return tokens, logp.gather(-1, tokens[:, None])[:, 0]
 
 

@@ -81,6 +81,25 @@ def test_continuous_batching_equals_one_at_a_time_and_seeds_reproduce(hf_pair):
     assert any(a.token_ids != o.token_ids for a, o in zip(batched, other))
 
 
+def test_greedy_and_sampled_requests_share_a_batch(hf_pair):
+    """A batch mixing greedy and sampled rows: each row gets what it would get alone."""
+    _, ours = hf_pair
+    ps = prompts(83, seed=8)
+    greedy, sampled = SamplingParams(greedy=True, max_new_tokens=7), SamplingParams(max_new_tokens=7)
+    gen = Generator(ours, max_batch=len(ps), max_seq_len=64)
+    sessions = [gen.open_session() for _ in ps]
+    for i, (s, p) in enumerate(zip(sessions, ps)):
+        gen.submit(s, p, greedy if i % 2 else sampled, rng=torch.Generator().manual_seed(40 + i))
+    got = {s.id: c for s, c in _drain(gen)}
+    for i, (s, p) in enumerate(zip(sessions, ps)):
+        alone = Generator(ours, max_batch=1, max_seq_len=64)
+        a = alone.open_session()
+        alone.submit(a, p, greedy if i % 2 else sampled, rng=torch.Generator().manual_seed(40 + i))
+        (_, want), = _drain(alone)
+        assert got[s.id].token_ids == want.token_ids
+        torch.testing.assert_close(torch.tensor(got[s.id].logprobs), torch.tensor(want.logprobs), atol=1e-5, rtol=0)
+
+
 def test_session_resume_prefills_only_appended_tokens(hf_pair):
     """Turn 1 stops; a 'tool response' is appended; turn 2 continues from the cache, equal to a cold start."""
     _, ours = hf_pair
