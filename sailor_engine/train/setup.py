@@ -12,12 +12,15 @@ naming the field, before any compute, so the entry point exits 2 with the messag
 
 Precision (train.dtype; auto is bf16 on CUDA, fp32 on CPU; bfloat16 forces it, on CPU too): parameters,
 gradients and AdamW state stay fp32 (the master weights); `rt.autocast()` runs a forward under
-torch.autocast(bf16), so every matmul takes bf16 inputs with fp32 accumulation while the residual
-stream, norms and softmax stay fp32. The LM head is the fused log-prob kernel, which autocast does
-not see: `rt.head_inputs(hidden, weight)` hands it both in bf16 (as autocast would a linear), and the
-kernel keeps the log-softmax and its output in fp32, which the losses need (exp(logp - old_logp) is
-a ratio). Backwards run outside autocast (torch's advice: on CPU an enclosing autocast would also
-downcast the backward's matmuls); gradients reach the fp32 parameters through the casts.
+torch.autocast(bf16): the linears take bf16 inputs (fp32 accumulation), SDPA and FlexAttention cast
+q, k, v to bf16, while the residual stream, the RMSNorms and the loss stay fp32. The LM head is the
+fused log-prob kernel, which autocast does not see: `rt.head_inputs(hidden, weight)` hands it both
+in bf16 (as autocast would a linear), and the kernel keeps the log-softmax and its output in fp32,
+which the losses need (exp(logp - old_logp) is a ratio). Backwards run outside autocast (torch's
+advice; on CPU an enclosing autocast would also downcast the backward's matmuls); gradients reach
+the fp32 parameters through the casts. RL rollouts stay fp32 (rl.run_update says why). The model
+picks its attention backend by the parameters' dtype, so "auto" does not choose flash-attn under
+autocast: a possible speed-up, left to the model.
 
 Not wired yet, and refused by name: sequence parallelism; bf16 with the xformers attention backend
 (RoPE's fp32 tables promote q and k to fp32 under autocast while v stays bf16, which xformers

@@ -2,7 +2,8 @@
 
 What must hold, and what each test checks it against:
 - train.dtype resolves per device (auto: bf16 on CUDA, fp32 on CPU) and bfloat16 is no longer refused;
-  xformers, which refuses the mixed q / k / v dtypes of an autocast forward, is.
+  xformers, which refuses the mixed q / k / v dtypes of an autocast forward, is. The fused log-prob
+  kernel ignores autocast, hence Runtime.head_inputs.
 - One RFT step under bf16: parameters, gradients and AdamW state stay fp32; the loss sits near a float64
   full-logits reference, but measurably farther than the fp32 step's (so autocast was on).
 - The RFT trainer end to end on the tiny world (test_rft's): train.dtype=auto on CPU writes the
@@ -106,6 +107,25 @@ def test_runtime_contexts():
     assert fp32.autocast_calls(lin) is lin
     wrapped = bf16.autocast_calls(lin)
     assert wrapped(h).dtype == torch.bfloat16 and wrapped.weight is lin.weight and lin(h).dtype == torch.float32
+
+
+def test_fused_logprob_is_invisible_to_autocast():
+    """head_inputs casts for the kernel because autocast does not: fp32 inputs under autocast give
+    outside-autocast results bit for bit, and bf16 inputs give fp32 log-probs of the rounded inputs."""
+    from sailor_engine.kernels.logprob import fused_linear_logprob
+
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(37, 24, generator=g), torch.randn(200, 24, generator=g)
+    t = torch.randint(0, 200, (37,), generator=g)
+    outside = fused_linear_logprob(h, w, t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = fused_linear_logprob(h, w, t)
+        low = fused_linear_logprob(h.bfloat16(), w.bfloat16(), t)
+    assert torch.equal(inside, outside) and low.dtype == torch.float32
+    z = h.bfloat16().double() @ w.bfloat16().double().T  # the rounded inputs' logits, float64
+    ref = torch.log_softmax(z, -1).gather(-1, t[:, None])[:, 0]
+    # fp32 arithmetic on the rounded inputs (measured 1e-6, |logp| up to 24), far below the rounding's own 4e-2
+    assert (low.double() - ref).abs().max() < 1e-4 < (outside.double() - ref).abs().max()
 
 
 # -- RFT ---------------------------------------------------------------------------------------------
