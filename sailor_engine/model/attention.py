@@ -172,15 +172,26 @@ class VarlenAttention:
         return out[0].transpose(0, 1)
 
     def _flash_attn(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        q, k, v = _one_dtype(q, k, v)
         cu = self.cu.to(torch.int32)
         return _flash_varlen(q, k, v, cu, cu, self.max_seqlen, self.max_seqlen, causal=True)
 
     def _xformers(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        q, k, v = _one_dtype(q, k, v)
         group = q.shape[1] // k.shape[1]
         if group > 1:  # the block-diagonal bias path wants equal head counts
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         bias = _xfmha.attn_bias.BlockDiagonalCausalMask.from_seqlens(self.lens)
         return _xfmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias)[0]
+
+
+def _one_dtype(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """flash-attn and xformers take q, k, v of one dtype, which they do not cast themselves. Under
+    autocast RoPE's fp32 tables promote q and k to fp32 while v comes out of its projection in the
+    autocast dtype: cast all three to the autocast dtype (what SDPA does internally)."""
+    dev = q.device.type
+    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else v.dtype
+    return q.to(dt), k.to(dt), v.to(dt)
 
 
 def _flex_fn(device: torch.device):

@@ -249,7 +249,11 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def _backend(self, device: torch.device) -> str:
-        key = (device.type, self.embed_tokens.weight.dtype)
+        """The attention backend for the dtype attention computes in: the autocast dtype under
+        autocast (fp32 master weights, bf16 compute picks flash-attn on CUDA), else the weights'."""
+        dev = device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.embed_tokens.weight.dtype
+        key = (dev, dtype)
         if key not in self._backend_cache:
             self._backend_cache[key] = resolve_backend(self.cfg.attn_backend, device, key[1])
         return self._backend_cache[key]

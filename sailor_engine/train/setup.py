@@ -18,13 +18,11 @@ fused log-prob kernel, which autocast does not see: `rt.head_inputs(hidden, weig
 in bf16 (as autocast would a linear), and the kernel keeps the log-softmax and its output in fp32,
 which the losses need (exp(logp - old_logp) is a ratio). Backwards run outside autocast (torch's
 advice; on CPU an enclosing autocast would also downcast the backward's matmuls); gradients reach
-the fp32 parameters through the casts. RL rollouts stay fp32 (rl.run_update says why). The model
-picks its attention backend by the parameters' dtype, so "auto" does not choose flash-attn under
-autocast: a possible speed-up, left to the model.
+the fp32 parameters through the casts. RL rollouts stay fp32 (rl.run_update says why). Under
+autocast the model picks its attention backend for the autocast dtype (flash-attn on CUDA when
+installed) and hands flash-attn / xformers q, k, v cast to it.
 
-Not wired yet, and refused by name: sequence parallelism; bf16 with the xformers attention backend
-(RoPE's fp32 tables promote q and k to fp32 under autocast while v stays bf16, which xformers
-refuses). With pipeline stages every rank still builds (or loads) the whole model and keeps
+Not wired yet, and refused by name: sequence parallelism. With pipeline stages every rank still builds (or loads) the whole model and keeps
 only its stage's layers: fine for the sizes tested here, a meta-device build is the next step.
 """
 
@@ -44,7 +42,6 @@ from torch import nn
 
 from sailor_engine.config import Config, ConfigError
 from sailor_engine.model import Tokenizer, Transformer, load_hf
-from sailor_engine.model.attention import resolve_backend
 from sailor_engine.model.parallelize import check_tp_layout, load_hf_tp, parallelize_tp
 from sailor_engine.parallel.checkpoint import MANIFEST, checkpoint_config, load_checkpoint
 from sailor_engine.parallel.data import data_parallel
@@ -156,14 +153,6 @@ def _check_wired(cfg: Config, dims: ParallelDims) -> None:
     if p.sequence_parallel:
         raise ConfigError("parallel.sequence_parallel: not wired into the trainer yet (packs would need padding "
                           "to a multiple of tp); set it to false")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    backend = cfg.model.attn_backend
-    if backend == "auto":  # as the model resolves it: by the parameters' dtype, fp32
-        backend = resolve_backend(backend, device, torch.float32)
-    if compute_dtype(cfg, device) is not None and backend == "xformers":
-        raise ConfigError(f"model.attn_backend = {cfg.model.attn_backend!r} resolves to xformers, which refuses the "
-                          f"mixed q/k (fp32) and v (bf16) of a forward under train.dtype = {cfg.train.dtype!r} (bf16 "
-                          "autocast); set model.attn_backend=flex or sdpa, or train.dtype=float32")
 
 
 def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:

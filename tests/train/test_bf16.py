@@ -2,8 +2,8 @@
 
 What must hold, and what each test checks it against:
 - train.dtype resolves per device (auto: bf16 on CUDA, fp32 on CPU) and bfloat16 is no longer refused;
-  xformers, which refuses the mixed q / k / v dtypes of an autocast forward, is. The fused log-prob
-  kernel ignores autocast, hence Runtime.head_inputs.
+  under autocast the attention backend is chosen for bf16 and flash-attn / xformers get one dtype. The
+  fused log-prob kernel ignores autocast, hence Runtime.head_inputs.
 - One RFT step under bf16: parameters, gradients and AdamW state stay fp32; the loss sits near a float64
   full-logits reference, but measurably farther than the fp32 step's (so autocast was on).
 - The RFT trainer end to end on the tiny world (test_rft's): train.dtype=auto on CPU writes the
@@ -36,7 +36,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from sailor_engine.config import Config, ConfigError
+from sailor_engine.config import Config
 from sailor_engine.model import Transformer
 from sailor_engine.parallel.dims import ParallelDims
 from sailor_engine.rollout.generator import Generator, SamplingParams
@@ -89,8 +89,25 @@ def test_train_dtype_resolves_per_device_and_bf16_is_wired():
         assert compute_dtype(config(train={"dtype": dtype}), device) == want, (dtype, device)
     dims = ParallelDims.resolve(config().parallel, 1)
     _check_wired(config(train={"dtype": "bfloat16"}), dims)  # refused ("not wired into the trainer yet") before
-    with pytest.raises(ConfigError, match=r"model\.attn_backend = 'xformers'.*train\.dtype = 'bfloat16'"):
-        _check_wired(config(train={"dtype": "bfloat16"}, model={**MODEL, "attn_backend": "xformers"}), dims)
+
+
+def test_attention_backend_and_dtypes_follow_autocast(monkeypatch):
+    """Under autocast the model resolves its backend for the autocast dtype (so flash-attn, fp16/bf16
+    only, is chosen on CUDA for fp32 master weights), and flash-attn / xformers get q, k, v in it."""
+    from sailor_engine.model import attention
+
+    seen = []
+    monkeypatch.setattr("sailor_engine.model.transformer.resolve_backend",
+                        lambda req, dev, dt: seen.append(dt) or "sdpa")
+    m = Transformer(config().model)
+    m._backend(CPU)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m._backend(CPU)
+    assert seen == [torch.float32, torch.bfloat16]
+    q, k, v = torch.randn(3, 4, 2, 8).unbind(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert {t.dtype for t in attention._one_dtype(q, k, v.bfloat16())} == {torch.bfloat16}
+    assert {t.dtype for t in attention._one_dtype(q, k, v)} == {torch.float32}
 
 
 def test_runtime_contexts():
