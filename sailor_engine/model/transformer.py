@@ -356,10 +356,11 @@ class FusedWeights:
                 q = apply_rope(rms_norm(qkv[:, :Hq], a.q_norm.weight, eps), cos, sin)
                 k = apply_rope(rms_norm(qkv[:, Hq : Hq + Hkv], a.k_norm.weight, eps), cos, sin)
             out = attn(a.layer_idx, q, k, qkv[:, Hq + Hkv :])
-            x = x + _matmul(out.reshape(N, -1), w["o_t"], w["o_b"])
+            x = _residual_matmul(x, out.reshape(N, -1), w["o_t"], w["o_b"])
             gu = _matmul(rms_norm(x, layer.post_attention_layernorm.weight, eps), w["gu_t"], w["gu_b"])
             inter = gu.shape[-1] // 2
-            x = x + _matmul(F.silu(gu[:, :inter]) * gu[:, inter:], w["down_t"], w["down_b"])
+            act = F.silu(gu[:, :inter], inplace=True).mul_(gu[:, inter:])  # in gu's gate half: no new (N, I)
+            x = _residual_matmul(x, act, w["down_t"], w["down_b"])
         return rms_norm(x, m.norm.weight, eps)
 
 
@@ -379,3 +380,8 @@ def _linears(layer: DecoderLayer) -> tuple[nn.Linear, ...]:
 def _matmul(x: Tensor, w_t: Tensor, b: Tensor | None) -> Tensor:
     """x: (N, in), w_t: (in, out) -> (N, out)."""
     return x @ w_t if b is None else torch.addmm(b, x, w_t)
+
+
+def _residual_matmul(res: Tensor, x: Tensor, w_t: Tensor, b: Tensor | None) -> Tensor:
+    """res + (x @ w_t + b); without a bias the residual add happens inside the GEMM (one op)."""
+    return torch.addmm(res, x, w_t) if b is None else res + torch.addmm(b, x, w_t)
