@@ -290,9 +290,9 @@ class FusedWeights:
 
     Staleness: the copies are keyed on each source parameter's (data_ptr, _version). Every in-place
     update through the parameter (optimizer steps, load_state_dict, copy_) bumps _version, so
-    `refresh()` re-copies exactly the layers that changed. Writes through `p.data` bypass the counter:
-    build a new FusedWeights (the Generator does, once per rollout) after those. Norm weights and the
-    embedding rows are read live, never copied.
+    `refresh()` re-copies exactly the layers that changed. Writes through `p.data` bypass the counter,
+    and a parameter *replaced* by a new object is not seen: build a new FusedWeights after those (the
+    Generator builds one per rollout). Norm weights and the embedding rows are read live, never copied.
     """
 
     def __init__(self, model: Transformer):
