@@ -290,6 +290,9 @@ class CachedAttention:
         self.row_of_tok, self.offset = self.tok_slot - lo, offset  # row within the span
         q_max, k_max = max(int(n.max()), 1), max(k_max, 1)  # >= 1: empty chunks are legal
         self.direct = q_max == 1 and contiguous
+        self.q_max, self.k_max = q_max, k_max
+        if self.fresh is not None:
+            return  # no span, no mask: attention runs on the chunks' own keys
         # causal mask over the span: a row's query j sits at position start + j
         span_start = torch.zeros(hi - lo, dtype=torch.int64, device=dev)
         span_start[slots - lo] = start
@@ -297,7 +300,6 @@ class CachedAttention:
         mask = torch.arange(k_max, device=dev)[None, None, :] <= q_pos[:, :, None]  # (R, q_max, k_max)
         mask[:, :, 0] = True  # padding queries (dummy rows, short chunks) see one key: no NaN; dropped
         self.mask = mask[:, None]  # (R, 1, q_max, k_max)
-        self.q_max, self.k_max = q_max, k_max
 
     def _init_decode(self, start: Tensor, contiguous: bool, k_max: int) -> None:
         """One new token per slot, at position start = lengths[slot]: keys 0..start are visible."""
