@@ -47,6 +47,8 @@ from sailor_engine.parallel.pipeline import MicroBatch, PipelineStage, one_f_one
 from sailor_engine.rl.loss import global_norm
 from sailor_engine.train.batching import Sequence, ffd_split, pack
 from sailor_engine.train.guards import NonFiniteGuard, json_row
+from sailor_engine.train.plots import (HAS_TENSORBOARD, PlotsUnavailable, TensorBoardSink, TensorBoardUnavailable,
+                                       write_plots)
 from sailor_engine.train.schedule import lr_at
 from sailor_engine.train.setup import Runtime, build_model, build_optimizer, load_rft_data, wrap_model
 from sailor_engine.train.state import is_fsdp, load_state, save_state
@@ -241,10 +243,17 @@ def _barrier(rt: Runtime) -> None:
 
 
 class _Log:
-    """Rank 0's metrics.jsonl (cut back to `start` steps on resume) and progress lines."""
+    """Rank 0's metrics.jsonl (cut back to `start` steps on resume), progress lines, TensorBoard
+    scalars (train.tensorboard) and, at the end, PNG plots of every curve (train.plots)."""
 
-    def __init__(self, path: Path, start: int, enabled: bool):
+    def __init__(self, path: Path, start: int, enabled: bool, cfg: Config | None = None):
         self.path, self.enabled = path, enabled
+        self.tb, self.plots = None, cfg is not None and cfg.train.plots
+        if cfg is not None and cfg.train.tensorboard and (enabled or not HAS_TENSORBOARD):
+            try:  # missing, it fails on every rank: all exit 2 together
+                self.tb = TensorBoardSink(path.parent / "tb")
+            except TensorBoardUnavailable as e:
+                raise ConfigError(str(e)) from None
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
             kept = []
@@ -255,11 +264,29 @@ class _Log:
             tmp.write_text("".join(ln + "\n" for ln in kept))
             os.replace(tmp, path)  # killed here, the old lines or the kept ones remain, never none
 
+    def record(self, row: dict) -> None:
+        """Append the row to metrics.jsonl (and TensorBoard)."""
+        with open(self.path, "a") as f:
+            f.write(json_row(row) + "\n")
+        if self.tb is not None:
+            self.tb.add(row)
+
+    def close(self) -> None:
+        """At the end of the run: TensorBoard flushed, plots written (a missing matplotlib is a warning)."""
+        if not self.enabled:
+            return
+        if self.tb is not None:
+            self.tb.close()
+        if self.plots:
+            try:
+                write_plots(self.path, self.path.parent / "plots")
+            except PlotsUnavailable as e:
+                print(f"warning: no plots: {e}", flush=True)
+
     def write(self, row: dict, total: int) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json_row(row) + "\n")
+        self.record(row)
         if row.get("skipped"):
             print(f"step {row['step']}/{total}  skipped: {row['skipped']} (loss {row['loss']}, grad_norm "
                   f"{row['grad_norm']})", flush=True)
@@ -292,7 +319,7 @@ def train_rft(cfg: Config, rt: Runtime) -> list[dict]:
     want = {"num_seqs": n, "batch_size": cfg.train.rft.batch_size, "seed": cfg.train.seed}
     start = resume_latest(model, net, opt, cfg, rt, want, "was saved with another data order",
                           "another train.out_dir") if t.resume else 0
-    log = _Log(Path(t.out_dir) / "metrics.jsonl", start, rt.rank == 0)
+    log = _Log(Path(t.out_dir) / "metrics.jsonl", start, rt.rank == 0, cfg)
     history, saved, t0 = [], start if start > 0 else None, time.perf_counter()
     guard = NonFiniteGuard(t.max_nonfinite_steps, _ckpt_root(cfg) / f"step-{start:08d}" if start > 0 else None)
     for step in range(start, total):
@@ -329,5 +356,6 @@ def train_rft(cfg: Config, rt: Runtime) -> list[dict]:
         _save(model, net, opt, cfg, rt, total, n)
     if rt.rank == 0:
         export_hf(_ckpt_root(cfg) / f"step-{total:08d}", Path(t.out_dir) / "hf")
+    log.close()
     _barrier(rt)
     return history

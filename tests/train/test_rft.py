@@ -217,3 +217,15 @@ def test_impossible_layout_exits_with_the_parallel_dims_message(world):
                     "model.hidden_size=48")
     assert proc.returncode != 0
     assert "world size 2 is not divisible by parallel.tp * parallel.pp = 3 * 1 = 3" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_plots_and_tensorboard_are_wired(single, world):
+    pngs = sorted(p.name for p in (single / "plots").glob("*.png"))
+    assert "loss.png" in pngs  # train.plots defaults to on
+    from sailor_engine.train import plots
+
+    if not plots.HAS_TENSORBOARD:  # asked for and missing: exit 2 naming the field, before any compute
+        out = world / "tb"
+        assert main(["--config", str(world / "run.yaml"), "--set", f"train.out_dir={out}",
+                     "--set", "train.tensorboard=true"]) == 2
+        assert not (out / "metrics.jsonl").exists()
