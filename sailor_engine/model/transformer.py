@@ -10,6 +10,9 @@ Three forward modes, sharing every layer:
     hidden = model.forward_packed(input_ids, cu_seqlens)       # (N,) -> (N, H), packed varlen
     hidden = model.forward_cached(input_ids, cu_seqlens, cache, slots)   # append to a KV cache
 
+forward_cached also takes `weights=FusedWeights(model)`: fused, transposed copies of the matrices
+for small-batch CPU generation (same arithmetic, fewer and faster matmuls; see FusedWeights).
+
 The packed and cached modes stop at the final norm and return hidden states: the training loss feeds
 them with `model.output_weight` to the fused log-prob kernel, so no (N, V) logits tensor is ever
 built; `model.logits(hidden)` exists for generation and tests.
