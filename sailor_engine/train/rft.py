@@ -234,6 +234,16 @@ def resume_latest(model, net, opt, cfg: Config, rt: Runtime, want: dict, mismatc
     return int(extra["step"])
 
 
+def fresh_start(cfg: Config) -> int:
+    """train.resume=false: step 0, in an out_dir without checkpoints (keep_last would delete the new
+    run's checkpoints in favour of the old run's later steps, and a later resume continue the old run)."""
+    found = complete_checkpoints(_ckpt_root(cfg))
+    if found:
+        raise ConfigError(f"train.resume = false, but train.out_dir = {cfg.train.out_dir!r} holds checkpoints "
+                          f"({found[-1].name}); use another train.out_dir, remove them, or train.resume=true")
+    return 0
+
+
 def _barrier(rt: Runtime) -> None:
     if rt.groups is not None:
         dist.barrier()
@@ -318,7 +328,7 @@ def train_rft(cfg: Config, rt: Runtime) -> list[dict]:
     opt = build_optimizer(net.parameters(), cfg)
     want = {"num_seqs": n, "batch_size": cfg.train.rft.batch_size, "seed": cfg.train.seed}
     start = resume_latest(model, net, opt, cfg, rt, want, "was saved with another data order",
-                          "another train.out_dir") if t.resume else 0
+                          "another train.out_dir") if t.resume else fresh_start(cfg)
     log = _Log(Path(t.out_dir) / "metrics.jsonl", start, rt.rank == 0, cfg)
     history, saved, t0 = [], start if start > 0 else None, time.perf_counter()
     guard = NonFiniteGuard(t.max_nonfinite_steps, _ckpt_root(cfg) / f"step-{start:08d}" if start > 0 else None)

@@ -229,3 +229,11 @@ def test_plots_and_tensorboard_are_wired(single, world):
         assert main(["--config", str(world / "run.yaml"), "--set", f"train.out_dir={out}",
                      "--set", "train.tensorboard=true"]) == 2
         assert not (out / "metrics.jsonl").exists()
+
+
+def test_resume_false_refuses_an_out_dir_with_checkpoints(world, single, capsys):
+    before = sorted(p.name for p in (single / "checkpoints").iterdir())
+    assert main(["--config", str(world / "run.yaml"), "--set", f"train.out_dir={single}",
+                 "--set", "train.resume=false"]) == 2
+    assert "train.resume = false, but train.out_dir" in capsys.readouterr().err
+    assert sorted(p.name for p in (single / "checkpoints").iterdir()) == before
