@@ -1,22 +1,33 @@
 """Generation throughput: the engine's Generator vs transformers' generate on the same tiny model.
 
-Both greedy, same random weights, same prompts (mixed lengths). transformers runs the whole batch
-with left padding (its fastest batched mode); ours runs continuous batching over the KV cache. The
-greedy outputs are compared token for token and the table says whether they agree.
+Same random weights, same prompts (mixed lengths). transformers runs the whole batch with left
+padding (its fastest batched mode); ours runs continuous batching over the KV cache. Greedy outputs
+are compared token for token and the table says whether they agree; `--mode sample` times
+temperature-1 sampling (the RL rollouts' setting), where outputs cannot be compared.
 
-    python benchmarks/bench_generate.py                       # CPU default: demo-sized model
+    python benchmarks/bench_generate.py                       # CPU default: demo-sized model, 1 thread
+    python benchmarks/bench_generate.py --batch 128 --mode sample
     python benchmarks/bench_generate.py --device cuda --hidden 1024 --layers 16 --batch 64
+
+Timing on a shared machine: the two implementations alternate, rep by rep, so a change in load
+hits both; each row reports the median wall time (p20 / p80 beside it) and the median process CPU
+time, which counts only the time this process ran and so moves far less with the load. The load
+average before and after is recorded with the run. `--threads` sets torch's intra-op threads for
+both (default 1: with 2 busy cores, a second thread turns every small op into a wait for a
+descheduled worker, 5-10x slower for both implementations).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import tempfile
 import time
 
 import torch
 
-from common import print_table, record
+from common import print_table, quantiles, record
 
 from sailor_engine.model import load_hf
 from sailor_engine.rollout.generator import Generator, SamplingParams
@@ -31,8 +42,14 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--mode", choices=("greedy", "sample"), default="greedy",
+                    help="greedy (outputs compared) or temperature-1 sampling, no top-p / top-k")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both (0: torch's default)")
+    ap.add_argument("--no-record", action="store_true", help="print only; do not append to benchmarks/results")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import transformers
 
     torch.manual_seed(0)
@@ -52,6 +69,7 @@ def main() -> None:
     lens = torch.randint(16, 96, (args.batch,), generator=g).tolist()
     prompts = [torch.randint(1, args.vocab, (n,), generator=g).tolist() for n in lens]
     n_new = args.new_tokens
+    greedy = args.mode == "greedy"
 
     T = max(lens)
     ids = torch.zeros(args.batch, T, dtype=torch.long)
@@ -59,39 +77,59 @@ def main() -> None:
     for i, p in enumerate(prompts):
         ids[i, T - len(p):], mask[i, T - len(p):] = torch.tensor(p), 1
     ids, mask = ids.to(args.device), mask.to(args.device)
+    hf_sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
 
     def run_hf():
-        out = hf.generate(ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
-                          pad_token_id=0, eos_token_id=None)
+        out = hf.generate(ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new, pad_token_id=0,
+                          eos_token_id=None, **hf_sampling)
         return [row[T:].tolist() for row in out]
 
     gen = Generator(ours, max_batch=args.batch, max_seq_len=T + n_new + 1)
+    params = SamplingParams(greedy=True, max_new_tokens=n_new) if greedy else \
+        SamplingParams(temperature=1.0, max_new_tokens=n_new, seed=0)
 
     def run_ours():
-        return [c.token_ids for c in gen.generate(prompts, SamplingParams(greedy=True, max_new_tokens=n_new))]
+        return [c.token_ids for c in gen.generate(prompts, params)]
 
-    rows, outputs = [], {}
-    for name, fn in (("transformers.generate", run_hf), ("sailor Generator", run_ours)):
-        with torch.inference_mode():
+    impls = {"transformers.generate": run_hf, "sailor Generator": run_ours}
+    load_before = os.getloadavg()
+    outputs, wall, cpu = {}, {n: [] for n in impls}, {n: [] for n in impls}
+    with torch.inference_mode():
+        for name, fn in impls.items():
             outputs[name] = fn()  # warm-up, and the outputs to compare
-            times = []
-            for _ in range(args.reps):
+        for _ in range(args.reps):  # interleaved: a load change hits both implementations
+            for name, fn in impls.items():
                 if args.device.startswith("cuda"):
                     torch.cuda.synchronize()
-                t0 = time.perf_counter()
+                w0, c0 = time.perf_counter(), time.process_time()
                 fn()
                 if args.device.startswith("cuda"):
                     torch.cuda.synchronize()
-                times.append(time.perf_counter() - t0)
-        med = sorted(times)[len(times) // 2]
-        rows.append({"impl": name, "median_s": med, "tokens_per_s": args.batch * n_new / med})
-    same = sum(a == b for a, b in zip(outputs["transformers.generate"], outputs["sailor Generator"]))
-    rows[1]["speedup"] = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
-    rows[1]["greedy_identical"] = f"{same}/{args.batch}"
-    print_table(f"generate: {args.batch} prompts ({min(lens)}-{max(lens)} tokens) x {n_new} new tokens, "
-                f"{args.layers}L h{args.hidden} V{args.vocab}, {args.device}",
-                rows, ["impl", "median_s", "tokens_per_s", "speedup", "greedy_identical"])
-    record("bench_generate", vars(args), rows, args.device)
+                wall[name].append((time.perf_counter() - w0) * 1e3)
+                cpu[name].append((time.process_time() - c0) * 1e3)
+    load_after = os.getloadavg()
+    rows = []
+    for name in impls:
+        q = quantiles(wall[name])
+        rows.append({"impl": name, "median_s": q["median_ms"] / 1e3, "p20_s": q["p20_ms"] / 1e3,
+                     "p80_s": q["p80_ms"] / 1e3, "cpu_s": statistics.median(cpu[name]) / 1e3,
+                     "tokens_per_s": args.batch * n_new / (q["median_ms"] / 1e3)})
+    base, mine = rows
+    mine["speedup"] = mine["tokens_per_s"] / base["tokens_per_s"]
+    mine["cpu_speedup"] = base["cpu_s"] / mine["cpu_s"]
+    if greedy:
+        same = sum(a == b for a, b in zip(outputs["transformers.generate"], outputs["sailor Generator"]))
+        mine["greedy_identical"] = f"{same}/{args.batch}"
+    print_table(f"generate ({args.mode}): {args.batch} prompts ({min(lens)}-{max(lens)} tokens) x {n_new} new tokens, "
+                f"{args.layers}L h{args.hidden} V{args.vocab}, {args.device}, {torch.get_num_threads()} thread(s), "
+                f"load {load_before[0]:.1f} -> {load_after[0]:.1f}",
+                rows, ["impl", "median_s", "p20_s", "p80_s", "cpu_s", "tokens_per_s", "speedup", "cpu_speedup",
+                       "greedy_identical"])
+    if not args.no_record:
+        config = {k: v for k, v in vars(args).items() if k != "no_record"}
+        config.update(threads=torch.get_num_threads(), loadavg_before=[round(x, 2) for x in load_before],
+                      loadavg_after=[round(x, 2) for x in load_after])
+        record("bench_generate", config, rows, args.device)
 
 
 if __name__ == "__main__":
