@@ -244,8 +244,8 @@ class CachedAttention:
     Keys and values are read as a *view* of the cache rows [lo, hi) spanning the slots, never
     gathered: rows of that span not in this call get one dummy query that sees one key, and their
     outputs are dropped. When the slots are exactly lo..hi-1 in order and every chunk is one token
-    (the common decode step), queries and outputs need no scatter or gather either. When every chunk
-    starts an empty slot (a first prefill), attention runs per sequence on the new keys alone.
+    (the common decode step), queries and outputs need no scatter or gather either. That span path is
+    the CUDA one; on CPU a call with longer chunks attends per sequence instead (_per_sequence).
 
     Decode (every chunk one token) takes a shorter path: no per-token index bookkeeping, and the
     g = heads / kv_heads query heads sharing a kv head become g query *rows* of that kv head, so each
@@ -277,11 +277,9 @@ class CachedAttention:
         if self.decode:
             self._init_decode(start, contiguous, max(k_max, 1))
             return
-        # CPU, every chunk a whole new sequence (first turn): its keys are its own k, v, so causal
-        # attention per sequence skips the padded (R, q_max, k_max) grid (~1.8x faster). Not on CUDA,
-        # where one padded kernel beats a launch per sequence.
-        fresh = dev.type == "cpu" and not bool(start.any()) and bool((n > 0).all())
-        self.fresh = VarlenAttention(cu_seqlens, "sdpa") if fresh else None
+        # CPU: attention per sequence, each on its own [0, end) keys (see _per_sequence). CUDA: one
+        # padded kernel over the span, which beats a launch per sequence there.
+        self.per_seq = dev.type == "cpu"
         N = int(n.sum())
         seq_of_tok = torch.repeat_interleave(torch.arange(S, device=dev), n, output_size=N)
         offset = torch.arange(N, device=dev) - cu_seqlens[:-1].to(dev, torch.int64)[seq_of_tok]
@@ -291,8 +289,12 @@ class CachedAttention:
         q_max, k_max = max(int(n.max()), 1), max(k_max, 1)  # >= 1: empty chunks are legal
         self.direct = q_max == 1 and contiguous
         self.q_max, self.k_max = q_max, k_max
-        if self.fresh is not None:
-            return  # no span, no mask: attention runs on the chunks' own keys
+        if self.per_seq:
+            self.lens, self.starts, self.slot_ids = n.tolist(), start.tolist(), slots.tolist()
+            # tri[j, c] = c <= j + k_max: the slice tri[:n, k_max - start : k_max + n] is the causal
+            # mask of n queries at positions start.. over keys 0..start+n-1, as a view (no op per sequence)
+            self.tri = torch.ones(q_max, k_max + q_max, dtype=torch.bool, device=dev).tril(k_max)
+            return
         # causal mask over the span: a row's query j sits at position start + j
         span_start = torch.zeros(hi - lo, dtype=torch.int64, device=dev)
         span_start[slots - lo] = start
@@ -321,8 +323,8 @@ class CachedAttention:
         c.v[layer, self.tok_slot, :, self.positions] = v.to(c.v.dtype)
         if self.decode:
             return self._decode(layer, q)
-        if self.fresh is not None:
-            return self.fresh(layer, q, k, v)
+        if self.per_seq:
+            return self._per_sequence(layer, q, k, v)
         # (R, kv_heads, k_max, d): a copy, since SDPA on the transposed view is ~4x slower on CPU (and
         # CUDA's fused kernels need a unit-stride last dim)
         keys = c.k[layer, self.lo:self.hi, :, :, : self.k_max].transpose(-1, -2).to(q.dtype).contiguous()
@@ -335,6 +337,29 @@ class CachedAttention:
         out = _sdpa(qp.transpose(1, 2), keys, vals, attn_mask=self.mask)
         out = out.transpose(1, 2)  # (R, q_max, heads, d)
         return out[:, 0] if self.direct else out[self.row_of_tok, self.offset]
+
+    def _per_sequence(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """One SDPA call per sequence: no padding of short chunks to the longest (a 100-token tool
+        response resumed next to 63 one-token decodes costs 100 queries, not 64 x 100), no keys past
+        a row's own end. A chunk starting an empty slot attends causally to its own k, v; a resumed one
+        reads its cached prefix (keys copied out of the transposed layout: SDPA on a strided view is
+        ~4x slower)."""
+        c, K = self.cache, self.k_max
+        outs = []
+        for qs, ks, vs, n, st, slot in zip(q.split(self.lens), k.split(self.lens), v.split(self.lens),
+                                            self.lens, self.starts, self.slot_ids):
+            if n == 0:
+                outs.append(qs)
+                continue
+            if st == 0:
+                o = _sdpa(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None], is_causal=True)
+            else:
+                keys = c.k[layer, slot, :, :, : st + n].transpose(-1, -2).to(q.dtype).contiguous()  # (kv_heads, end, d)
+                vals = c.v[layer, slot, :, : st + n].to(q.dtype)
+                mask = self.tri[:n, K - st : K + n]  # (n, end)
+                o = _sdpa(qs.transpose(0, 1)[None], keys[None], vals[None], attn_mask=mask)
+            outs.append(o[0].transpose(0, 1))
+        return torch.cat(outs)
 
     def _decode(self, layer: int, q: Tensor) -> Tensor:
         """q: (S, heads, d) -> (S, heads, d), against the cache rows of the span [lo, hi)."""

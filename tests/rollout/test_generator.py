@@ -233,6 +233,36 @@ def test_fused_weights_match_the_module_path(name):
     assert a.lengths.tolist() == b.lengths.tolist()
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_mixed_step_of_resumes_decodes_and_new_prompts_matches_full_forward(fused):
+    """One forward_cached call mixing a resumed chunk, a one-token decode, an empty chunk, a new
+    prompt and a longer resume (the agent loop's steps): each token's logits equal the plain padded
+    forward over its whole sequence."""
+    cfg = FUSED_CFGS["qwen2"]
+    model = Transformer(cfg).init_weights(std=0.2, generator=torch.Generator().manual_seed(3)).eval()
+    weights = FusedWeights(model) if fused else None
+    logits = weights.logits if fused else model.logits
+    g = torch.Generator().manual_seed(4)
+    seqs = [torch.randint(0, cfg.vocab_size, (n,), generator=g) for n in (9, 14, 6, 7, 11)]
+    slots = torch.tensor([5, 1, 3, 2, 0])
+    cache = model.new_kv_cache(6, 24)
+    # (sequence, tokens this call): call 1 prefills four rows; call 2 mixes every kind of chunk
+    calls = [[(0, 4), (1, 1), (2, 6), (4, 3)], [(0, 5), (1, 1), (2, 0), (3, 7), (4, 8)]]
+    fed = [0] * len(seqs)
+    got = [[] for _ in seqs]
+    with torch.inference_mode():
+        for call in calls:
+            ids = torch.cat([seqs[i][fed[i] : fed[i] + n] for i, n in call])
+            cu = torch.tensor([0] + [n for _, n in call]).cumsum(0)
+            h = model.forward_cached(ids, cu, cache, slots[[i for i, _ in call]], weights=weights)
+            for (i, n), chunk in zip(call, logits(h).split([n for _, n in call])):
+                got[i].append(chunk)
+                fed[i] += n
+        for i, s in enumerate(seqs):
+            want = model(s[None])[0, : fed[i]]
+            torch.testing.assert_close(torch.cat(got[i]), want, atol=2e-5, rtol=1e-5)
+
+
 def test_fused_copies_follow_in_place_weight_updates(hf_pair):
     """The trainer updates the weights in place between rollouts: an optimizer step must reach the
     fused copies of a Generator built before it (version counters), and generation must equal the
