@@ -2,7 +2,8 @@
 
     PaddedAttention   (B, T) batches, optional key-padding mask         -> SDPA
     VarlenAttention   a packed token stream split by cu_seqlens          -> flash-attn | xformers | flex | sdpa
-    CachedAttention   new tokens appended to a slab KV cache, per slot   -> SDPA with an explicit mask
+    CachedAttention   new tokens appended to a slab KV cache, per slot   -> batched one-token matmuls
+                                                                           (OneTokenAttention) | SDPA
 
 Each is a small callable `ctx(layer_idx, q, k, v) -> out` built once per forward by the model, so a
 decoder layer never needs to know which mode it runs in. q: (..., num_heads, head_dim),
@@ -241,18 +242,14 @@ class CachedAttention:
     new tokens: N packed, cu_seqlens (S + 1,); slots: (S,) cache rows, distinct. Token j of sequence i
     goes to position lengths[slots[i]] + j. `positions` (N,) is what RoPE must use.
 
-    Keys and values are read as a *view* of the cache rows [lo, hi) spanning the slots, never
-    gathered: rows of that span not in this call get one dummy query that sees one key, and their
-    outputs are dropped. When the slots are exactly lo..hi-1 in order and every chunk is one token
-    (the common decode step), queries and outputs need no scatter or gather either. That span path is
-    the CUDA one; on CPU a call with longer chunks attends per sequence instead (_per_sequence).
-
-    Decode (every chunk one token) takes a shorter path: no per-token index bookkeeping, and the
-    g = heads / kv_heads query heads sharing a kv head become g query *rows* of that kv head, so each
-    cached key is read once, not once per query head. It is plain batched matmuls over the (R * kv_heads)
-    rows, scores = q K^T / sqrt(d) + bias (0, or -inf past a row's length), softmax, @ V: on CPU this
-    beats SDPA's flash kernel, whose per-block overhead dominates with g <= 8 queries. Softmax runs in
-    fp32 like SDPA's; the sums are the same up to fp32 rounding order.
+    Three ways to attend, all reading the cache rows in place:
+    - every chunk one token (a decode step): OneTokenAttention over all rows, batched;
+    - CPU, some chunk longer: one SDPA call per longer chunk, on that row's own keys only (no padding
+      of short chunks to the longest: a 100-token tool response resumed next to 63 one-token decodes
+      costs 100 queries, not 64 x 100), while the one-token rows still go through OneTokenAttention;
+    - CUDA, some chunk longer: one padded SDPA over the span of cache rows [lo, hi) (a kernel launch per
+      sequence would cost more there). Rows of the span not in this call get one dummy query that sees
+      one key; their outputs are dropped.
     """
 
     def __init__(self, cache: KVCache, cu_seqlens: Tensor, slots: Tensor):
@@ -275,26 +272,22 @@ class CachedAttention:
         self.cache, self.slots, self.end, self.lo, self.hi = cache, slots, end, lo, hi
         self.decode = bool((n == 1).all())
         if self.decode:
-            self._init_decode(start, contiguous, max(k_max, 1))
+            self.tok_slot, self.positions = slots, start
+            self.one = OneTokenAttention(cache, slots, start, lo=lo, hi=hi, contiguous=contiguous)
             return
-        # CPU: attention per sequence, each on its own [0, end) keys (see _per_sequence). CUDA: one
-        # padded kernel over the span, which beats a launch per sequence there.
-        self.per_seq = dev.type == "cpu"
         N = int(n.sum())
         seq_of_tok = torch.repeat_interleave(torch.arange(S, device=dev), n, output_size=N)
         offset = torch.arange(N, device=dev) - cu_seqlens[:-1].to(dev, torch.int64)[seq_of_tok]
         self.tok_slot = slots[seq_of_tok]  # (N,)
         self.positions = start[seq_of_tok] + offset  # (N,)
-        self.row_of_tok, self.offset = self.tok_slot - lo, offset  # row within the span
         q_max, k_max = max(int(n.max()), 1), max(k_max, 1)  # >= 1: empty chunks are legal
-        self.direct = q_max == 1 and contiguous
         self.q_max, self.k_max = q_max, k_max
+        self.per_seq = dev.type == "cpu"
         if self.per_seq:
-            self.lens, self.starts, self.slot_ids = n.tolist(), start.tolist(), slots.tolist()
-            # tri[j, c] = c <= j + k_max: the slice tri[:n, k_max - start : k_max + n] is the causal
-            # mask of n queries at positions start.. over keys 0..start+n-1, as a view (no op per sequence)
-            self.tri = torch.ones(q_max, k_max + q_max, dtype=torch.bool, device=dev).tril(k_max)
+            self._init_per_sequence(cu_seqlens, n, start)
             return
+        self.row_of_tok, self.offset = self.tok_slot - lo, offset  # row within the span
+        self.direct = q_max == 1 and contiguous
         # causal mask over the span: a row's query j sits at position start + j
         span_start = torch.zeros(hi - lo, dtype=torch.int64, device=dev)
         span_start[slots - lo] = start
@@ -303,26 +296,26 @@ class CachedAttention:
         mask[:, :, 0] = True  # padding queries (dummy rows, short chunks) see one key: no NaN; dropped
         self.mask = mask[:, None]  # (R, 1, q_max, k_max)
 
-    def _init_decode(self, start: Tensor, contiguous: bool, k_max: int) -> None:
-        """One new token per slot, at position start = lengths[slot]: keys 0..start are visible."""
-        dev = start.device
-        self.tok_slot, self.positions, self.direct, self.k_max = self.slots, start, contiguous, k_max
-        if contiguous:
-            self.row_of_tok = None
-            q_pos = start
-        else:  # rows of the span not in this call see key 0 only (no NaN); their outputs are dropped
-            self.row_of_tok = self.slots - self.lo
-            q_pos = torch.zeros(self.hi - self.lo, dtype=torch.int64, device=dev)
-            q_pos[self.row_of_tok] = start
-        self.visible = torch.arange(k_max, device=dev)[None, :] <= q_pos[:, None]  # (R, k_max)
-        self._bias: Tensor | None = None  # (R * kv_heads, 1, k_max) additive mask, built at the first layer
+    def _init_per_sequence(self, cu_seqlens: Tensor, n: Tensor, start: Tensor) -> None:
+        dev, K = n.device, self.k_max
+        single = n == 1
+        self.one = None
+        if int(single.sum()) > 1:  # one-token rows (decodes) stay batched
+            self.one_tok = cu_seqlens[:-1].to(dev, torch.int64)[single]  # their tokens in the packed order
+            self.one = OneTokenAttention(self.cache, self.slots[single], start[single])
+        # (first token, chunk length, start position, slot) of every row attended on its own
+        rows = zip(cu_seqlens[:-1].tolist(), n.tolist(), start.tolist(), self.slots.tolist())
+        self.rows = [r for r in rows if r[1] > 1 or (r[1] == 1 and self.one is None)]
+        # tri[j, c] = c <= j + K: the slice tri[:n, K - start : K + n] is the causal mask of n queries at
+        # positions start.. over keys 0..start+n-1, as a view (no op per sequence)
+        self.tri = torch.ones(self.q_max, K + self.q_max, dtype=torch.bool, device=dev).tril(K)
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         c = self.cache
         c.k[layer, self.tok_slot, :, :, self.positions] = k.to(c.k.dtype)
         c.v[layer, self.tok_slot, :, self.positions] = v.to(c.v.dtype)
         if self.decode:
-            return self._decode(layer, q)
+            return self.one(layer, q)
         if self.per_seq:
             return self._per_sequence(layer, q, k, v)
         # (R, kv_heads, k_max, d): a copy, since SDPA on the transposed view is ~4x slower on CPU (and
@@ -339,30 +332,63 @@ class CachedAttention:
         return out[:, 0] if self.direct else out[self.row_of_tok, self.offset]
 
     def _per_sequence(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """One SDPA call per sequence: no padding of short chunks to the longest (a 100-token tool
-        response resumed next to 63 one-token decodes costs 100 queries, not 64 x 100), no keys past
-        a row's own end. A chunk starting an empty slot attends causally to its own k, v; a resumed one
-        reads its cached prefix (keys copied out of the transposed layout: SDPA on a strided view is
-        ~4x slower)."""
+        """CPU path of a call with chunks longer than one token (see the class docstring). A chunk
+        starting an empty slot attends causally to its own k, v; a resumed one reads its cached prefix
+        (keys copied out of the transposed layout: SDPA on the strided view is ~4x slower)."""
         c, K = self.cache, self.k_max
-        outs = []
-        for qs, ks, vs, n, st, slot in zip(q.split(self.lens), k.split(self.lens), v.split(self.lens),
-                                            self.lens, self.starts, self.slot_ids):
-            if n == 0:
-                outs.append(qs)
-                continue
+        out = q.new_empty(q.shape)
+        if self.one is not None:
+            out[self.one_tok] = self.one(layer, q[self.one_tok])
+        for t0, n, st, slot in self.rows:
+            qs = q[t0 : t0 + n].transpose(0, 1)[None]  # (1, heads, n, d)
             if st == 0:
-                o = _sdpa(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None], is_causal=True)
+                keys, vals, mask = k[t0 : t0 + n].transpose(0, 1), v[t0 : t0 + n].transpose(0, 1), None
             else:
                 keys = c.k[layer, slot, :, :, : st + n].transpose(-1, -2).to(q.dtype).contiguous()  # (kv_heads, end, d)
                 vals = c.v[layer, slot, :, : st + n].to(q.dtype)
                 mask = self.tri[:n, K - st : K + n]  # (n, end)
-                o = _sdpa(qs.transpose(0, 1)[None], keys[None], vals[None], attn_mask=mask)
-            outs.append(o[0].transpose(0, 1))
-        return torch.cat(outs)
+            o = _sdpa(qs, keys[None], vals[None], attn_mask=mask, is_causal=mask is None)
+            out[t0 : t0 + n] = o[0].transpose(0, 1)
+        return out
 
-    def _decode(self, layer: int, q: Tensor) -> Tensor:
-        """q: (S, heads, d) -> (S, heads, d), against the cache rows of the span [lo, hi)."""
+    def commit(self) -> None:
+        """Advance the slots' lengths once every layer has written its keys and values."""
+        self.cache.lengths[self.slots] = self.end
+
+
+class OneTokenAttention:
+    """Attention of one new token per cache row (written already) over the row's prefix, batched.
+
+    slots: (S,) distinct rows; start: (S,) the new token's position, so keys 0..start are visible.
+    The keys are read as views of the cache rows [lo, hi) spanning the slots; rows of the span not in
+    the call attend to key 0 only and are dropped. The g = heads / kv_heads query heads sharing a kv
+    head become g query *rows* of that kv head, so each cached key is read once, not once per query
+    head, and the whole step is three batched ops over the (R * kv_heads) rows: scores = q K^T / sqrt(d)
+    + bias (0, or -inf past a row's length), fp32 softmax, @ V. On CPU this beats SDPA's flash kernel,
+    whose per-block overhead dominates with g <= 8 queries; the sums agree to fp32 rounding.
+    """
+
+    def __init__(self, cache: KVCache, slots: Tensor, start: Tensor, *, lo: int | None = None,
+                 hi: int | None = None, contiguous: bool | None = None):
+        dev = start.device
+        self.cache, self.slots = cache, slots
+        self.lo = int(slots.min()) if lo is None else lo
+        self.hi = int(slots.max()) + 1 if hi is None else hi
+        if contiguous is None:
+            contiguous = self.hi - self.lo == len(slots) and bool((slots == torch.arange(self.lo, self.hi, device=dev)).all())
+        self.direct, self.k_max = contiguous, int(start.max()) + 1
+        if contiguous:
+            self.row_of_tok = None
+            q_pos = start
+        else:
+            self.row_of_tok = slots - self.lo
+            q_pos = torch.zeros(self.hi - self.lo, dtype=torch.int64, device=dev)
+            q_pos[self.row_of_tok] = start
+        self.visible = torch.arange(self.k_max, device=dev)[None, :] <= q_pos[:, None]  # (R, k_max)
+        self._bias: Tensor | None = None  # (R * kv_heads, 1, k_max) additive mask, built at the first layer
+
+    def __call__(self, layer: int, q: Tensor) -> Tensor:
+        """q: (S, heads, d) -> (S, heads, d)."""
         c, R, K = self.cache, self.hi - self.lo, self.k_max
         S, H, d = q.shape
         kvh = c.k.shape[2]
@@ -382,7 +408,3 @@ class CachedAttention:
         probs = torch.softmax(scores, -1, dtype=torch.float32).to(vals.dtype)
         out = torch.bmm(probs, vals).view(R, H, d)
         return out if self.direct else out[self.row_of_tok]
-
-    def commit(self) -> None:
-        """Advance the slots' lengths once every layer has written its keys and values."""
-        self.cache.lengths[self.slots] = self.end
