@@ -210,8 +210,8 @@ class KVCache:
     """A preallocated slab KV cache: one (max_seq_len)-long row per slot, for every layer.
 
     k: (num_layers, num_slots, num_kv_heads, head_dim, max_seq_len): keys stored *transposed*, so
-    that one-token decode multiplies q (g, d) @ K^T (d, k_max) with no transpose (~1.4x faster than
-    reading (k_max, d) rows on CPU, where decode attention is bound by walking the cache).
+    that one-token decode multiplies q (g, d) @ K^T (d, k_max) with no transpose (that product runs
+    ~1.4x faster than over (k_max, d) rows on CPU, where decode attention is bound by walking the cache).
     v: (num_layers, num_slots, num_kv_heads, max_seq_len, head_dim), as attention reads it.
     lengths: (num_slots,) int64, the number of valid positions in each slot. A slot is freed by
     setting its length to 0 (no copy).
