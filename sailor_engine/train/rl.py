@@ -4,12 +4,16 @@
     history = train_rl(cfg, rt)         # list of the per-step metrics (also in out_dir/metrics.jsonl)
 
 One RL step:
-1. Questions: train.rl.questions_per_step tasks of tasks.train.jsonl, a permutation seeded by
-   (train.seed, step) (`step_tasks`): a pure function of the step, so resuming needs only the step.
+1. Questions: train.rl.questions_per_step questions of the pool (train/pool.py: tasks.train.jsonl,
+   or its first train.rl.pool_size), the first of a permutation of the active ones seeded by
+   (train.seed, step): a pure function of the step and the pool state, which checkpoints carry.
+   With algo.dynamic_sampling (DAPO) further rounds draw the next questions of that permutation
+   until questions_per_step informative groups are found or algo.max_sampling_rounds rounds ran
+   (`step_rollouts`); the batch is then those groups (DynamicSampler), partial if they fall short.
 2. Rollouts: the questions are dealt to the dp ranks in contiguous blocks; each rank runs
    algo.group_size ReAct episodes per question with the Generator on the trainer's own module
    (eval mode, inference) + AgentLoop + a ToolRunner over the offline search / visit. Episode e of
-   the step (e = task * G + sample, over the whole step) samples from the RNG seeded by
+   the step (e = round * questions_per_step * G + task * G + sample) samples from the RNG seeded by
    `episode_seed(seed, step, e)`, so a trajectory does not depend on which rank generated it.
 3. Rewards: every rank gathers all trajectories (all_gather_object over dp), scores them
    (score_batch) and builds the same DUPO batch (build_batch, generator seeded by (algo.seed, step));
@@ -23,7 +27,16 @@ One RL step:
 A step with no informative group (or no loss token) is logged with `skipped` = its reason and no update.
 An update whose loss or grad norm is not finite is skipped (`skipped` names its mini-batch, the
 step saves no checkpoint); train.max_nonfinite_steps such updates in a row stop the run (train/guards.py).
-Checkpoints and resume as RFT (model, optimizer, step; the data position is the step itself).
+Checkpoints and resume as RFT (model, optimizer, step; the data position is the step itself), plus
+the pool state (dropped and retired ids) in the manifest's extra.
+
+The pool (algo.prefilter != none): before the first step, a pre-filter pass rolls out G episodes of
+each pool question (the first train.rl.prefilter_tasks, if set) with the initial policy and drops
+those all G solve (and, for solved_or_failed, all G fail): a metrics line with step 0 and phase
+"prefilter". During RL (train.rl.pool_refresh) a question whose group, at its latest draw, was all
+correct (or all wrong, solved_or_failed) is retired; every step's line has pool_active and
+pool_retired. A step draws all the pool holds when it holds fewer than questions_per_step; when it
+holds fewer than algo.updates_per_batch the run stops cleanly there (message, checkpoint, export).
 
 Tensor parallelism: the ranks of a tp group roll out the same episodes and must run every
 generator forward in lockstep, but the agent loop's batches follow tool timing (an episode resumes
@@ -32,7 +45,7 @@ when its tool call is done). So with tp > 1 tool calls complete before submit re
 tool latency behind decoding.
 
 Not wired (refused by name): pp > 1; FSDP2 (the generator runs the plain module: use
-parallel.data_parallel=ddp); dynamic sampling, the pre-filter pass, a judge, KL and entropy terms.
+parallel.data_parallel=ddp); a judge, KL and entropy terms.
 """
 
 from __future__ import annotations
@@ -50,10 +63,10 @@ from sailor_engine.env.runner import ToolLimits, ToolRunner
 from sailor_engine.env.tools import SearchTool, VisitTool
 from sailor_engine.kernels.logprob import fused_linear_logprob
 from sailor_engine.model import Tokenizer
-from sailor_engine.parallel.checkpoint import export_hf, remove_checkpoint
+from sailor_engine.parallel.checkpoint import export_hf, read_manifest, remove_checkpoint
 from sailor_engine.parallel.data import grad_sync, unwrap
 from sailor_engine.parallel.pipeline import MicroBatch
-from sailor_engine.rl.dupo import RLBatch, build_batch
+from sailor_engine.rl.dupo import DynamicSampler, GroupBatch, RLBatch, build_batch, finalize
 from sailor_engine.rl.loss import global_norm, rl_loss
 from sailor_engine.rl.rewards import RewardBatch, score_batch
 from sailor_engine.rollout.agent import AgentLoop, Trajectory
@@ -62,6 +75,7 @@ from sailor_engine.rollout.generator import Generator, SamplingParams
 from sailor_engine.synth.pipeline import load_world
 from sailor_engine.train.batching import Sequence, pack
 from sailor_engine.train.guards import NonFiniteGuard, json_row
+from sailor_engine.train.pool import QuestionPool, draw_order, prefilter_pass
 from sailor_engine.train.rft import (_barrier, _ckpt_root, _Log, clip_, complete_checkpoints, deal, global_grad_norm,
                                      micro_batches, resume_latest)
 from sailor_engine.train.schedule import lr_at
@@ -80,20 +94,22 @@ def check_rl_config(cfg: Config, rt: Runtime, num_tasks: int) -> None:
     if rt.dp > 1 and p.data_parallel != "ddp":
         raise ConfigError(f"parallel.data_parallel = {p.data_parallel!r}: the RL generator runs the plain module, "
                           "which FSDP2 keeps sharded; set parallel.data_parallel=ddp")
-    refused = {"algo.dynamic_sampling": a.dynamic_sampling, "algo.judge": a.judge is not None,
-               "algo.kl_coef": a.kl_coef > 0, "algo.entropy_coef": a.entropy_coef > 0}
+    refused = {"algo.judge": a.judge is not None, "algo.kl_coef": a.kl_coef > 0,
+               "algo.entropy_coef": a.entropy_coef > 0}
     for name, on in refused.items():
         if on:
             raise ConfigError(f"{name}: not wired into the RL trainer yet; turn it off")
-    if a.prefilter != "none":
-        raise ConfigError(f"algo.prefilter = {a.prefilter!r}: the pre-filter pass is not wired into the RL "
-                          "trainer yet; set algo.prefilter=none")
     if set(cfg.rollout.tools) - {"search", "visit"}:
         raise ConfigError(f"rollout.tools = {list(cfg.rollout.tools)}: the RL trainer offers search and visit only")
-    q = cfg.train.rl.questions_per_step
+    q, size = cfg.train.rl.questions_per_step, cfg.train.rl.pool_size
+    if size is not None and size > num_tasks:
+        raise ConfigError(f"train.rl.pool_size ({size}) is larger than the {num_tasks} training tasks "
+                          "of train.data_dir")
     if q > num_tasks:
         raise ConfigError(f"train.rl.questions_per_step ({q}) is larger than the {num_tasks} training tasks "
                           "of train.data_dir")
+    if size is not None and q > size:
+        raise ConfigError(f"train.rl.questions_per_step ({q}) is larger than train.rl.pool_size ({size})")
     if q < a.updates_per_batch:
         raise ConfigError(f"train.rl.questions_per_step ({q}) must be >= algo.updates_per_batch "
                           f"({a.updates_per_batch}): each mini-batch holds at least one group")
@@ -103,14 +119,19 @@ def check_rl_config(cfg: Config, rt: Runtime, num_tasks: int) -> None:
 
 
 def step_tasks(step: int, num_tasks: int, count: int, seed: int) -> list[int]:
-    """The training tasks of RL step `step`: the first `count` of a permutation seeded by (seed, step)."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    return torch.randperm(num_tasks, generator=g)[:count].tolist()
+    """The training tasks of RL step `step` from a full pool: the first `count` of its permutation (pool.py)."""
+    return draw_order(seed, step, num_tasks)[:count]
 
 
 def episode_seed(seed: int, step: int, episode: int, episodes_per_step: int) -> int:
     """Sampling seed of episode `episode` (= task * G + sample) of a step: distinct over (seed, step, episode)."""
     return (seed * 1_000_003 + step) * episodes_per_step + episode
+
+
+def episodes_per_step(cfg: Config) -> int:
+    """Episodes a step may roll out: G per question, questions_per_step per round, rounds of dynamic sampling."""
+    rounds = cfg.algo.max_sampling_rounds if cfg.algo.dynamic_sampling else 1
+    return cfg.train.rl.questions_per_step * cfg.algo.group_size * rounds
 
 
 def block(n: int, parts: int, i: int) -> tuple[int, int]:
@@ -146,13 +167,16 @@ class Rollouts:
 
 
 def roll_out(model, runner: ToolRunner, tpl: ChatTemplate, system: str | None, tasks: list, step: int,
-             cfg: Config, rt: Runtime) -> Rollouts:
-    """This rank's block of `tasks` x algo.group_size episodes, gathered over dp and scored."""
+             cfg: Config, rt: Runtime, first_episode: int = 0) -> Rollouts:
+    """This rank's block of `tasks` x algo.group_size episodes, gathered over dp and scored.
+
+    Episode e of `tasks` is episode first_episode + e of the step (a later dynamic-sampling round
+    starts past the earlier rounds' episodes), seeded by episode_seed over `episodes_per_step(cfg)`."""
     G, r = cfg.algo.group_size, cfg.rollout
     lo, hi = block(len(tasks), rt.dp, rt.dp_rank)
     tic = time.perf_counter()
     params = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
-                            seed=episode_seed(cfg.train.seed, step, lo * G, len(tasks) * G))
+                            seed=episode_seed(cfg.train.seed, step, first_episode + lo * G, episodes_per_step(cfg)))
     max_len = r.max_context or model.cfg.max_position_embeddings
     stats = {"decode_s": 0.0, "tool_wait_s": 0.0}
     mine: list[Trajectory] = []
@@ -177,18 +201,28 @@ def roll_out(model, runner: ToolRunner, tpl: ChatTemplate, system: str | None, t
     return Rollouts(trajs, scored, max(p[1] for p in parts), max(p[2] for p in parts), max(p[3] for p in parts))
 
 
-def rl_batch(ro: Rollouts, cfg: Config, step: int) -> tuple[RLBatch, list[list[tuple[Sequence, float]]]]:
-    """The DUPO batch of a step and its mini-batches: (sequence, advantage) per trajectory of each."""
+def rl_batch(ro: Rollouts, cfg: Config, step: int,
+             groups: GroupBatch | None = None) -> tuple[RLBatch, list[list[tuple[Sequence, float]]]]:
+    """The batch of a step and its mini-batches: (sequence, advantage) per trajectory of each.
+
+    groups: dynamic sampling's selection (DynamicSampler.result() over every round of `ro`); None:
+    build_batch's (DUPO or every group). A partial dynamic batch of fewer groups than
+    algo.updates_per_batch gives one mini-batch per group (no empty update).
+    """
     G, U = cfg.algo.group_size, cfg.algo.updates_per_batch
     shape = (-1, G)
     truncated = torch.tensor([t.status in ("max_turns", "max_context") for t in ro.trajs]).view(shape)
+    rewards, correct = ro.scored.rewards.view(shape), ro.scored.correct.view(shape)
     g = torch.Generator().manual_seed(cfg.algo.seed * 1_000_003 + step)
-    batch = build_batch(ro.scored.rewards.view(shape), ro.scored.correct.view(shape), truncated, cfg.algo, g)
+    if groups is None:
+        batch = build_batch(rewards, correct, truncated, cfg.algo, g)
+    else:
+        batch = finalize(rewards, correct, truncated, groups, cfg.algo)
     if batch.skip_reason is not None:
         return batch, []
     slots = torch.randperm(len(batch.index), generator=g).tolist()  # duplicates spread over mini-batches
     minis = []
-    for chunk in torch.tensor_split(torch.tensor(slots), U):
+    for chunk in torch.tensor_split(torch.tensor(slots), min(U, len(slots))):
         mb = []
         for slot in chunk.tolist():
             grp = int(batch.index[slot])
@@ -198,6 +232,72 @@ def rl_batch(ro: Rollouts, cfg: Config, step: int) -> tuple[RLBatch, list[list[t
                 mb.append((Sequence(t.token_ids, mask, t.logprobs), float(batch.advantages[slot, j])))
         minis.append(mb)
     return batch, minis
+
+
+# -- the step's questions: pool draws, dynamic sampling, the pre-filter pass ---------------------
+
+
+def merge_rollouts(parts: list[Rollouts]) -> Rollouts:
+    """A step's rounds as one Rollouts: trajectories and scores concatenated in round order, times summed."""
+    if len(parts) == 1:
+        return parts[0]
+    sc = [p.scored for p in parts]
+    scored = RewardBatch(torch.cat([s.rewards for s in sc]), torch.cat([s.correct for s in sc]),
+                         torch.cat([s.format_ok for s in sc]), [x for s in sc for x in s.scores],
+                         {k: sum(s.stats.get(k, 0) for s in sc) for k in sc[0].stats})
+    return Rollouts([t for p in parts for t in p.trajs], scored, sum(p.wall_s for p in parts),
+                    sum(p.decode_s for p in parts), sum(p.tool_wait_s for p in parts))
+
+
+def step_rollouts(roll, pool: QuestionPool, step: int, cfg: Config) -> tuple[list[int], Rollouts, GroupBatch | None]:
+    """The step's questions (pool ids over every round), their rollouts, and dynamic sampling's selection.
+
+    roll(ids, step, first_episode) -> the Rollouts of those pool ids. Without algo.dynamic_sampling:
+    one round of questions_per_step questions (all the pool holds, if fewer). With it (DAPO): rounds
+    of fresh questions until questions_per_step informative groups are found, algo.max_sampling_rounds
+    rounds ran, or the step's permutation of the pool is used up; surplus groups are left out.
+    """
+    a, q, G = cfg.algo, cfg.train.rl.questions_per_step, cfg.algo.group_size
+    sampler = DynamicSampler(q, criterion=a.zero_variance, max_rounds=a.max_sampling_rounds) \
+        if a.dynamic_sampling else None
+    ids: list[int] = []
+    parts: list[Rollouts] = []
+    for rnd in range(a.max_sampling_rounds if sampler else 1):
+        drawn = pool.draw(cfg.train.seed, step, rnd, q)
+        if not drawn:
+            break
+        ro = roll(drawn, step, rnd * q * G)
+        ids += drawn
+        parts.append(ro)
+        if sampler is not None:
+            sampler.add(ro.scored.rewards.view(-1, G), ro.scored.correct.view(-1, G))
+            if sampler.done:
+                break
+    return ids, merge_rollouts(parts), sampler.result() if sampler else None
+
+
+def run_prefilter(roll, pool: QuestionPool, cfg: Config) -> dict:
+    """The pre-filter pass with the initial policy (algo.prefilter, train.rl.prefilter_tasks); its metrics row.
+
+    Chunks of one step's worth of questions; chunk c rolls out as step -1 - c, so its episode seeds
+    are none of a training step's (distinct while steps + chunks < 1_000_003, as episode_seed's).
+    """
+    G, tic = cfg.algo.group_size, time.perf_counter()
+    seen = {"episodes": 0, "correct": 0, "rollout_tokens": 0}
+
+    def verdicts(ids: list[int], c: int) -> torch.Tensor:
+        ro = roll(ids, -1 - c, 0)
+        seen["episodes"] += len(ro.trajs)
+        seen["correct"] += int(ro.scored.correct.sum())
+        seen["rollout_tokens"] += sum(t.num_generated for t in ro.trajs)
+        return ro.scored.correct.view(-1, G)
+
+    stats = prefilter_pass(pool, verdicts, cfg.algo.prefilter, episodes_per_step(cfg) // G,
+                           cfg.train.rl.prefilter_tasks)
+    return {"step": 0, "phase": "prefilter", "prefilter": cfg.algo.prefilter,
+            **{f"prefilter_{k}": v for k, v in stats.items()}, "episodes": seen["episodes"],
+            "accuracy": seen["correct"] / seen["episodes"], "rollout_tokens": seen["rollout_tokens"],
+            "time_prefilter": time.perf_counter() - tic}
 
 
 # -- one update --------------------------------------------------------------------------------
@@ -283,17 +383,24 @@ class _RLLog(_Log):
 
 
 def _run_key(cfg: Config) -> dict:
-    """What a checkpoint must share with this run to be resumed by it."""
+    """What a checkpoint must share with this run to be resumed by it (what draws and seeds depend on)."""
+    a = cfg.algo
     return {"mode": "rl", "seed": cfg.train.seed, "questions_per_step": cfg.train.rl.questions_per_step,
-            "group_size": cfg.algo.group_size}
+            "group_size": a.group_size, "prefilter": a.prefilter, "pool_refresh": cfg.train.rl.pool_refresh,
+            "dynamic_sampling": a.dynamic_sampling, "episodes_per_step": episodes_per_step(cfg)}
 
 
-def _extra(cfg: Config, step: int) -> dict:
-    return {**_run_key(cfg), "step": step}
+def _extra(cfg: Config, step: int, pool: QuestionPool) -> dict:
+    return {**_run_key(cfg), "step": step, "pool": pool.state()}
 
 
-def _save(model, net, opt, cfg: Config, rt: Runtime, step: int) -> None:
-    save_state(model, net, opt, _ckpt_root(cfg) / f"step-{step:08d}", rt, _extra(cfg, step))
+def _restore_pool(cfg: Config, step: int) -> QuestionPool:
+    """The pool as it was after step `step`, from that checkpoint's manifest (resume_latest loaded it)."""
+    return QuestionPool.from_state(read_manifest(_ckpt_root(cfg) / f"step-{step:08d}")["extra"]["pool"])
+
+
+def _save(model, net, opt, cfg: Config, rt: Runtime, step: int, pool: QuestionPool) -> None:
+    save_state(model, net, opt, _ckpt_root(cfg) / f"step-{step:08d}", rt, _extra(cfg, step, pool))
     if rt.rank == 0:
         for old in complete_checkpoints(_ckpt_root(cfg))[:-cfg.train.keep_last]:
             remove_checkpoint(old)
@@ -310,6 +417,25 @@ def _world(cfg: Config):
         raise ConfigError(f"train.data_dir = {str(d)!r}: no {', '.join(missing)} there "
                           "(expected a `sailor-engine synth --out DIR` output)")
     return load_world(d, cfg.synth)
+
+
+def _log_prefilter(log: _Log, row: dict) -> None:
+    """The pre-filter pass's metrics.jsonl line (step 0: kept when a resume cuts the file back) and progress line."""
+    if not log.enabled:
+        return
+    with open(log.path, "a") as f:
+        f.write(json_row(row) + "\n")
+    print(f"rl prefilter ({row['prefilter']}): kept {row['prefilter_kept']} of {row['prefilter_questions']} "
+          f"questions ({row['prefilter_solved']} always solved, {row['prefilter_failed']} never), pool "
+          f"{row['prefilter_active']}, {row['time_prefilter']:.1f}s", flush=True)
+
+
+def _pool_exhausted(pool: QuestionPool, step: int, cfg: Config, rt: Runtime) -> None:
+    if rt.rank == 0:
+        print(f"rl: stopping after step {step} of {cfg.train.rl.steps}: the question pool holds "
+              f"{len(pool.active)} question(s), fewer than algo.updates_per_batch ({cfg.algo.updates_per_batch}) "
+              f"({len(pool.dropped)} dropped by the pre-filter, {len(pool.retired)} retired during RL); the "
+              f"checkpoint and export are of step {step}", flush=True)
 
 
 def train_rl(cfg: Config, rt: Runtime) -> list[dict]:
@@ -332,16 +458,30 @@ def train_rl(cfg: Config, rt: Runtime) -> list[dict]:
     log = _RLLog(Path(t.out_dir) / "metrics.jsonl", start, rt.rank == 0)
     history, saved, t0 = [], start if start > 0 else None, time.perf_counter()
     guard = NonFiniteGuard(t.max_nonfinite_steps, _ckpt_root(cfg) / f"step-{start:08d}" if start > 0 else None)
+    pool = _restore_pool(cfg, start) if start > 0 else QuestionPool(t.rl.pool_size or len(world.train))
+    last = t.rl.steps  # the final step: earlier if the pool runs out
     limits = ToolLimits(timeout_s=cfg.rollout.tool_timeout_s)
     tools = {"search": SearchTool(world.web), "visit": VisitTool(world.web)}
     with ToolRunner([tools[n] for n in cfg.rollout.tools], limits=limits,
                     cache_size=cfg.rollout.tool_cache_size, seed=t.seed) as runner:
+        def roll(ids: list[int], step: int, first_episode: int) -> Rollouts:
+            tasks = [world.train[i] for i in ids]
+            return roll_out(model, runner, tpl, system, tasks, step, cfg, rt, first_episode)
+
+        if start == 0 and cfg.algo.prefilter != "none":
+            _log_prefilter(log, run_prefilter(roll, pool, cfg))
         for step in range(start, t.rl.steps):
-            tasks = [world.train[i] for i in step_tasks(step, len(world.train), t.rl.questions_per_step, t.seed)]
-            ro = roll_out(model, runner, tpl, system, tasks, step, cfg, rt)
-            batch, minis = rl_batch(ro, cfg, step)
+            if len(pool.active) < cfg.algo.updates_per_batch:
+                last = step
+                _pool_exhausted(pool, step, cfg, rt)
+                break
+            ids, ro, groups = step_rollouts(roll, pool, step, cfg)
+            batch, minis = rl_batch(ro, cfg, step, groups)
+            retired = (pool.update(ids, ro.scored.correct.view(-1, cfg.algo.group_size), cfg.algo.prefilter)
+                       if t.rl.pool_refresh else [])
             row = {"step": step + 1, **rollout_metrics(ro, batch),
-                   **_train(stage, model, net, opt, minis, step, cfg, rt, guard)}
+                   **_train(stage, model, net, opt, minis, step, cfg, rt, guard),
+                   "questions": len(ids), "pool_active": len(pool.active), "pool_retired": len(retired)}
             if row["skipped"] is None and batch.skip_reason is not None:
                 row["skipped"] = batch.skip_reason
             row["time"] = time.perf_counter() - t0
@@ -350,13 +490,13 @@ def train_rl(cfg: Config, rt: Runtime) -> list[dict]:
                 log.write(row, t.rl.steps)
             guard.stop_if_exhausted(step + 1)  # TrainingStopped: no checkpoint of this state
             if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and not row["nonfinite_updates"]:
-                _save(model, net, opt, cfg, rt, step + 1)
+                _save(model, net, opt, cfg, rt, step + 1, pool)
                 guard.saved(_ckpt_root(cfg) / f"step-{step + 1:08d}")
                 saved = step + 1
-    if saved != t.rl.steps:
-        _save(model, net, opt, cfg, rt, t.rl.steps)
+    if saved != last:
+        _save(model, net, opt, cfg, rt, last, pool)
     if rt.rank == 0:
-        export_hf(_ckpt_root(cfg) / f"step-{t.rl.steps:08d}", Path(t.out_dir) / "hf")
+        export_hf(_ckpt_root(cfg) / f"step-{last:08d}", Path(t.out_dir) / "hf")
     _barrier(rt)
     return history
 

@@ -136,8 +136,8 @@ def test_seeds_and_shares():
 
 
 def test_config_errors_exit_2(world, capsys):
-    assert main(rl_args(world, world / "bad", "algo.prefilter=solved")) == 2
-    assert "algo.prefilter = 'solved'" in capsys.readouterr().err
+    assert main(rl_args(world, world / "bad", "algo.kl_coef=0.1")) == 2
+    assert "algo.kl_coef: not wired into the RL trainer yet" in capsys.readouterr().err
     assert main(rl_args(world, world / "bad", "train.rl.questions_per_step=22")) == 2
     assert "train.rl.questions_per_step (22) is larger than the 21 training tasks" in capsys.readouterr().err
 
