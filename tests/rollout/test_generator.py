@@ -243,13 +243,14 @@ def test_mixed_step_of_resumes_decodes_and_new_prompts_matches_full_forward(fuse
     weights = FusedWeights(model) if fused else None
     logits = weights.logits if fused else model.logits
     g = torch.Generator().manual_seed(4)
-    seqs = [torch.randint(0, cfg.vocab_size, (n,), generator=g) for n in (9, 14, 6, 7, 12, 5)]
-    slots = torch.tensor([5, 1, 3, 2, 0, 4])
-    cache = model.new_kv_cache(6, 24)
+    seqs = [torch.randint(0, cfg.vocab_size, (n,), generator=g) for n in (10, 14, 6, 7, 13, 5)]
+    slots = torch.tensor([7, 1, 3, 2, 0, 4])
+    cache = model.new_kv_cache(8, 24)
     # (sequence, tokens this call): call 1 prefills five rows; call 2 mixes every kind of chunk, with
-    # two one-token rows (batched apart from the others); call 3 decodes two scattered rows
+    # two one-token rows (batched apart from the others); calls 3 and 4 decode two rows, adjacent
+    # (slots 1, 0: read in place in the span) and far apart (slots 7, 0: copied out of it)
     calls = [[(0, 4), (1, 1), (2, 6), (4, 3), (5, 3)], [(0, 5), (1, 1), (2, 0), (3, 7), (4, 8), (5, 1)],
-             [(1, 1), (4, 1)]]
+             [(1, 1), (4, 1)], [(0, 1), (4, 1)]]
     fed = [0] * len(seqs)
     got = [[] for _ in seqs]
     with torch.inference_mode():
