@@ -365,7 +365,7 @@ class OneTokenAttention:
     head become g query *rows* of that kv head, so each cached key is read once, not once per query
     head, and the whole step is three batched ops over the (R * kv_heads) rows: scores = q K^T / sqrt(d)
     + bias (0, or -inf past a row's length), fp32 softmax, @ V. On CPU this beats SDPA's flash kernel,
-    whose per-block overhead dominates with g <= 8 queries; the sums agree to fp32 rounding.
+    whose per-block overhead dominates with g <= 8 queries; the sums agree to rounding.
     """
 
     def __init__(self, cache: KVCache, slots: Tensor, start: Tensor, *, lo: int | None = None,
