@@ -54,6 +54,7 @@ class RLConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         Meta(description="Pre-filter pass (algo.prefilter) over the first this many pool questions only, "
                          "algo.group_size rollouts each; the rest stay unfiltered. None: the whole pool."),
     ] = None
+    exclude_expert_tasks: Annotated[bool, Meta(description="Leave the tasks that have expert trajectories (the RFT data) out of the RL pool: RL on questions the RFT model memorised teaches little (synth.expert_fraction < 1 leaves the others).")] = False
     pool_refresh: Annotated[bool, Meta(description="During RL, retire a question whose latest group was all correct (also all wrong under algo.prefilter=solved_or_failed); no effect when algo.prefilter=none.")] = True
 
 

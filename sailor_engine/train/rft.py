@@ -297,6 +297,9 @@ class _Log:
         if not self.enabled:
             return
         self.record(row)
+        self.progress(row, total)
+
+    def progress(self, row: dict, total: int) -> None:
         if row.get("skipped"):
             print(f"step {row['step']}/{total}  skipped: {row['skipped']} (loss {row['loss']}, grad_norm "
                   f"{row['grad_norm']})", flush=True)

@@ -41,7 +41,7 @@ holds fewer than algo.updates_per_batch the run stops cleanly there (message, ch
 Tensor parallelism: the ranks of a tp group roll out the same episodes and must run every
 generator forward in lockstep, but the agent loop's batches follow tool timing (an episode resumes
 when its tool call is done). So with tp > 1 tool calls complete before submit returns
-(`_Lockstep`): the schedule is then a function of the episodes alone, at the cost of not hiding
+(`colocate.Lockstep`): the schedule is then a function of the episodes alone, at the cost of not hiding
 tool latency behind decoding.
 
 Not wired (refused by name): pp > 1; FSDP2 (the generator runs the plain module: use
@@ -74,10 +74,11 @@ from sailor_engine.rollout.format import ChatTemplate
 from sailor_engine.rollout.generator import Generator, SamplingParams
 from sailor_engine.synth.pipeline import load_world
 from sailor_engine.train.batching import Sequence, pack
-from sailor_engine.train.guards import NonFiniteGuard, json_row
+from sailor_engine.train.colocate import Lockstep, block
+from sailor_engine.train.guards import NonFiniteGuard
 from sailor_engine.train.pool import QuestionPool, draw_order, prefilter_pass
-from sailor_engine.train.rft import (_barrier, _ckpt_root, _Log, clip_, complete_checkpoints, deal, global_grad_norm,
-                                     micro_batches, resume_latest)
+from sailor_engine.train.rft import (_barrier, _ckpt_root, _Log, clip_, complete_checkpoints, deal, fresh_start,
+                                     global_grad_norm, micro_batches, resume_latest)
 from sailor_engine.train.schedule import lr_at
 from sailor_engine.train.setup import Runtime, build_model, build_optimizer, wrap_model
 from sailor_engine.train.state import save_state
@@ -134,27 +135,7 @@ def episodes_per_step(cfg: Config) -> int:
     return cfg.train.rl.questions_per_step * cfg.algo.group_size * rounds
 
 
-def block(n: int, parts: int, i: int) -> tuple[int, int]:
-    """[lo, hi) of part i when n items are cut into `parts` contiguous blocks (the first n % parts one longer)."""
-    size, extra = divmod(n, parts)
-    lo = i * size + min(i, extra)
-    return lo, lo + size + (i < extra)
-
-
 # -- rollouts ----------------------------------------------------------------------------------
-
-
-class _Lockstep:
-    """A ToolRunner whose submit returns a finished future: the agent loop's schedule no longer depends
-    on tool timing (see the module docstring)."""
-
-    def __init__(self, runner: ToolRunner):
-        self.runner, self.tools = runner, runner.tools
-
-    def submit(self, name: str, args):
-        fut = self.runner.submit(name, args)
-        fut.result()  # the runner never raises: failures come back as observations
-        return fut
 
 
 @dataclass
@@ -182,7 +163,7 @@ def roll_out(model, runner: ToolRunner, tpl: ChatTemplate, system: str | None, t
     mine: list[Trajectory] = []
     if hi > lo:
         gen = Generator(model, max_batch=min(r.max_batch, (hi - lo) * G), max_seq_len=max_len)
-        loop = AgentLoop(gen, _Lockstep(runner) if rt.tp > 1 else runner, tpl, params=params,
+        loop = AgentLoop(gen, Lockstep(runner) if rt.tp > 1 else runner, tpl, params=params,
                          max_turns=r.max_turns, system=system)
         model.eval()
         try:
@@ -368,11 +349,7 @@ def rollout_metrics(ro: Rollouts, batch: RLBatch) -> dict:
 
 
 class _RLLog(_Log):
-    def write(self, row: dict, total: int) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json_row(row) + "\n")
+    def progress(self, row: dict, total: int) -> None:
         train = (f"loss {row['loss']:.4f}  grad_norm {row['grad_norm']:.3f}" if row["skipped"] is None
                  else f"skipped: {row['skipped']}")
         print(f"rl step {row['step']}/{total}  reward {row['reward_mean']:.3f}  acc {row['accuracy']:.3f}  {train}  "
@@ -387,7 +364,8 @@ def _run_key(cfg: Config) -> dict:
     a = cfg.algo
     return {"mode": "rl", "seed": cfg.train.seed, "questions_per_step": cfg.train.rl.questions_per_step,
             "group_size": a.group_size, "prefilter": a.prefilter, "pool_refresh": cfg.train.rl.pool_refresh,
-            "dynamic_sampling": a.dynamic_sampling, "episodes_per_step": episodes_per_step(cfg)}
+            "dynamic_sampling": a.dynamic_sampling, "episodes_per_step": episodes_per_step(cfg),
+            "exclude_expert_tasks": cfg.train.rl.exclude_expert_tasks}
 
 
 def _extra(cfg: Config, step: int, pool: QuestionPool) -> dict:
@@ -419,12 +397,24 @@ def _world(cfg: Config):
     return load_world(d, cfg.synth)
 
 
+def rl_tasks(world, cfg: Config) -> list:
+    """The tasks the RL pool indexes: tasks.train.jsonl, without the expert trajectories' tasks under
+    train.rl.exclude_expert_tasks (RL on questions RFT memorised teaches little; see synth.expert_fraction)."""
+    if not cfg.train.rl.exclude_expert_tasks:
+        return world.train
+    seen = {e.task_id for e in world.experts}
+    tasks = [t for t in world.train if t.id not in seen]
+    if not tasks:
+        raise ConfigError(f"train.rl.exclude_expert_tasks: every one of the {len(world.train)} training tasks of "
+                          f"train.data_dir has an expert trajectory; synthesize with synth.expert_fraction < 1")
+    return tasks
+
+
 def _log_prefilter(log: _Log, row: dict) -> None:
     """The pre-filter pass's metrics.jsonl line (step 0: kept when a resume cuts the file back) and progress line."""
     if not log.enabled:
         return
-    with open(log.path, "a") as f:
-        f.write(json_row(row) + "\n")
+    log.record(row)
     print(f"rl prefilter ({row['prefilter']}): kept {row['prefilter_kept']} of {row['prefilter_questions']} "
           f"questions ({row['prefilter_solved']} always solved, {row['prefilter_failed']} never), pool "
           f"{row['prefilter_active']}, {row['time_prefilter']:.1f}s", flush=True)
@@ -442,7 +432,8 @@ def train_rl(cfg: Config, rt: Runtime) -> list[dict]:
     """Run (or resume) the RL phase; returns this run's per-step metrics (on every rank)."""
     t = cfg.train
     world = _world(cfg)
-    check_rl_config(cfg, rt, len(world.train))
+    pool_tasks = rl_tasks(world, cfg)
+    check_rl_config(cfg, rt, len(pool_tasks))
     tok = Tokenizer(world.tokenizer)
     tpl = ChatTemplate(tok)
     # The system prompt the expert trajectories (so the RFT model) were rendered with.
@@ -454,18 +445,18 @@ def train_rl(cfg: Config, rt: Runtime) -> list[dict]:
     for g in opt.param_groups:
         g["weight_decay"] = t.rl.weight_decay
     start = resume_latest(model, net, opt, cfg, rt, _run_key(cfg), "is not a checkpoint of this RL run",
-                          "another train.out_dir (train.init_from for an RFT checkpoint)") if t.resume else 0
-    log = _RLLog(Path(t.out_dir) / "metrics.jsonl", start, rt.rank == 0)
+                          "another train.out_dir (train.init_from for an RFT checkpoint)") if t.resume else fresh_start(cfg)
+    log = _RLLog(Path(t.out_dir) / "metrics.jsonl", start, rt.rank == 0, cfg)
     history, saved, t0 = [], start if start > 0 else None, time.perf_counter()
     guard = NonFiniteGuard(t.max_nonfinite_steps, _ckpt_root(cfg) / f"step-{start:08d}" if start > 0 else None)
-    pool = _restore_pool(cfg, start) if start > 0 else QuestionPool(t.rl.pool_size or len(world.train))
+    pool = _restore_pool(cfg, start) if start > 0 else QuestionPool(t.rl.pool_size or len(pool_tasks))
     last = t.rl.steps  # the final step: earlier if the pool runs out
     limits = ToolLimits(timeout_s=cfg.rollout.tool_timeout_s)
     tools = {"search": SearchTool(world.web), "visit": VisitTool(world.web)}
     with ToolRunner([tools[n] for n in cfg.rollout.tools], limits=limits,
                     cache_size=cfg.rollout.tool_cache_size, seed=t.seed) as runner:
         def roll(ids: list[int], step: int, first_episode: int) -> Rollouts:
-            tasks = [world.train[i] for i in ids]
+            tasks = [pool_tasks[i] for i in ids]
             return roll_out(model, runner, tpl, system, tasks, step, cfg, rt, first_episode)
 
         if start == 0 and cfg.algo.prefilter != "none":
@@ -497,6 +488,7 @@ def train_rl(cfg: Config, rt: Runtime) -> list[dict]:
         _save(model, net, opt, cfg, rt, last, pool)
     if rt.rank == 0:
         export_hf(_ckpt_root(cfg) / f"step-{last:08d}", Path(t.out_dir) / "hf")
+    log.close()
     _barrier(rt)
     return history
 

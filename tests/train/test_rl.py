@@ -164,3 +164,10 @@ def test_pp2_is_refused(world):
     proc = torchrun(world, world / "pp2", "parallel.pp=2")
     assert proc.returncode != 0  # every rank exits 2; torchrun reports the failure as 1
     assert "parallel.pp = 2: pipeline parallelism is not wired into the RL trainer" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_exclude_expert_tasks(world, capsys):
+    """Every training task of this world has an expert trajectory: excluding them leaves nothing (exit 2).
+    The positive case (synth.expert_fraction < 1) is tests/train/test_demo.py's."""
+    assert main(rl_args(world, world / "excl", "train.rl.exclude_expert_tasks=true")) == 2
+    assert "synth.expert_fraction < 1" in capsys.readouterr().err
