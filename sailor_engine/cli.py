@@ -3,8 +3,9 @@
     sailor-engine info                      versions, CUDA devices, Triton mode, attention backends
     sailor-engine config [--fields]         the resolved config (or every field: type, default, meaning)
     sailor-engine synth --out DIR           tasks, offline web and tokenizer from a knowledge graph
-    sailor-engine demo                      every stage of the pipeline on the embedded world, on the CPU
-    sailor-engine rft                       RFT training (= python -m sailor_engine.train; torchrun for more ranks)
+    sailor-engine demo                      synth -> RFT -> RL -> eval on the embedded world, on the CPU
+    sailor-engine rft | rl                  training (= python -m sailor_engine.train; torchrun for more ranks)
+    sailor-engine eval --model DIR          pass@1 on the held-out tasks, by level and hops, with 95% intervals
     sailor-engine export CKPT --out DIR     a training checkpoint (any tp layout) -> one HF directory
 
 Every command that reads a config takes `--config PATH` (.yaml / .yml / .toml / .json) and repeated
@@ -138,9 +139,43 @@ def synth(args: argparse.Namespace) -> None:
 # --- demo ---------------------------------------------------------------------------------------------
 
 def demo(args: argparse.Namespace) -> None:
-    from sailor_engine.train.preview import demo_config, run_preview  # torch and the whole pipeline
+    from sailor_engine.train.demo import demo_config, run_demo  # torch and the whole pipeline
 
-    run_preview(demo_config(args.config, tuple(args.set)), rft_steps=args.rft_steps, rl_tasks=args.tasks)
+    run_demo(demo_config(args.config, tuple(args.set)))
+
+
+# --- eval ---------------------------------------------------------------------------------------------
+
+def evaluate(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    import msgspec
+
+    from sailor_engine.model import Tokenizer
+    from sailor_engine.rollout.format import ChatTemplate
+    from sailor_engine.synth.pipeline import load_world
+    from sailor_engine.train.eval import evaluate as run_eval
+    from sailor_engine.train.eval import load_policy
+
+    d = Path(cfg.train.data_dir)
+    if not (d / "tasks.test.jsonl").is_file():
+        raise ConfigError(f"train.data_dir = {str(d)!r}: no tasks.test.jsonl there (expected a `sailor-engine synth` output)")
+    if not args.model.is_dir():
+        raise ConfigError(f"--model {str(args.model)!r}: not a directory (an HF model or an engine checkpoint)")
+    world = load_world(d, cfg.synth)
+    system = msgspec.to_builtins(world.experts[0].messages[0])["content"] if world.experts else None
+    tasks = world.test[:args.tasks or cfg.train.eval_tasks]
+    model = load_policy(args.model)
+    res = run_eval(model, world.web, ChatTemplate(Tokenizer(world.tokenizer)), tasks, cfg,
+                   samples=cfg.train.eval_samples if args.samples is None else args.samples, system=system,
+                   seed=cfg.train.seed)
+    label = "greedy" if res.mode == "greedy" else f"sampled x{res.samples} at T={res.temperature:g}"
+    print(f"{args.model}: {label} pass@1 {res.pass1()}, well-formed {100 * res.format_ok():.1f}%")
+    for key in ("level", "hops"):
+        for v, est in res.by(key).items():
+            print(f"  {key} {v}: {est}")
+    if args.out:
+        res.save(args.out)
+        print(f"wrote {args.out}")
 
 
 # --- rft / export -------------------------------------------------------------------------------------
@@ -150,6 +185,13 @@ def rft(args: argparse.Namespace) -> int:
 
     argv = (["--config", args.config] if args.config else []) + [a for s in args.set for a in ("--set", s)]
     return train_main(argv + ["--set", "train.mode=rft"])
+
+
+def rl(args: argparse.Namespace) -> int:
+    from sailor_engine.train.__main__ import main as train_main
+
+    argv = (["--config", args.config] if args.config else []) + [a for s in args.set for a in ("--set", s)]
+    return train_main(argv + ["--set", "train.mode=rl"])
 
 
 def export(args: argparse.Namespace) -> None:
@@ -171,13 +213,18 @@ COMMANDS = (
         arg("--out", type=Path, required=True, metavar="DIR", help="output directory"),
         arg("--seed", type=int, help="overrides synth.seed"),
     )),
-    Command("demo", demo, "run every stage of the pipeline on the embedded synthetic world (CPU, minutes)",
+    Command("demo", demo, "synth -> RFT -> RL -> held-out eval on the embedded synthetic world (CPU, ~15 min)",
+            config=True),
+    Command("eval", evaluate, "pass@1 of a model (HF directory or checkpoint) on the held-out tasks of train.data_dir",
             config=True, args=(
-        arg("--rft-steps", type=int, default=200, help="RFT optimizer steps before the rollouts (default: 200)"),
-        arg("--tasks", type=int, default=8, help="held-out tasks rolled out, algo.group_size episodes each (default: 8)"),
+        arg("--model", type=Path, required=True, metavar="DIR", help="HF directory or engine checkpoint"),
+        arg("--tasks", type=int, help="held-out tasks evaluated (default: train.eval_tasks)"),
+        arg("--samples", type=int, help="0: greedy; k: k sampled episodes per task (default: train.eval_samples)"),
+        arg("--out", type=Path, metavar="FILE", help="write the summary and every task's outcome as JSON"),
     )),
     Command("rft", rft, "RFT training on expert trajectories (one process; use torchrun -m sailor_engine.train for more)",
             config=True),
+    Command("rl", rl, "RL training, DUPO / V2 (one process; use torchrun -m sailor_engine.train for more)", config=True),
     Command("export", export, "write one HF directory from a training checkpoint of any tp layout", args=(
         arg("checkpoint", type=Path, help="a checkpoint directory (out_dir/checkpoints/step-N)"),
         arg("--out", type=Path, required=True, metavar="DIR", help="output HF directory"),

@@ -72,7 +72,7 @@ def wilson(successes: int, n: int, z: float = Z95) -> Estimate:
     d = 1 + z * z / n
     mid = (p + z * z / (2 * n)) / d
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return Estimate(p, max(0.0, mid - half), min(1.0, mid + half), n)
+    return Estimate(p, min(p, max(0.0, mid - half)), max(p, min(1.0, mid + half)), n)  # exact 0 / 1 at the ends
 
 
 def mean_interval(xs: Sequence[float], z: float = Z95, bounds: tuple[float, float] = (0.0, 1.0)) -> Estimate:
