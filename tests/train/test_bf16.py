@@ -40,21 +40,15 @@ from sailor_engine.config import Config
 from sailor_engine.model import Transformer
 from sailor_engine.parallel.dims import ParallelDims
 from sailor_engine.rollout.generator import Generator, SamplingParams
-from sailor_engine.synth.config import SynthConfig
 from sailor_engine.synth.pipeline import synthesize, write_world
 from sailor_engine.train.__main__ import main
 from sailor_engine.train.batching import Sequence
 from sailor_engine.train.rft import run_step
 from sailor_engine.train.rl import run_update
 from sailor_engine.train.setup import Runtime, _check_wired, build_optimizer, compute_dtype, wrap_model
+from tests.train.tiny import MODEL_YAML, SYNTH
 
-# test_rft's tiny world: 21 expert trajectories, a 2-layer width-32 decoder, lr 1e-2
-SYNTH = SynthConfig(seed=1, num_entities=60, num_questions=60, max_hops=2, level_mix=(1, 1, 0), vocab_size=384,
-                    min_pair_frequency=2, expert_max_tokens=1600, expert_min_tool_calls=1)
-CONFIG = """\
-model: {family: qwen2, qkv_bias: true, hidden_size: 32, intermediate_size: 64, num_layers: 2, num_heads: 4,
-        num_kv_heads: 2, max_position_embeddings: 2048}
-synth: {expert_max_tokens: 1600}
+CONFIG = MODEL_YAML + """\
 train:
   data_dir: DATA
   micro_batch_tokens: 2048

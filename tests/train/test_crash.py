@@ -28,17 +28,12 @@ import torch
 
 from sailor_engine.model import Transformer
 from sailor_engine.parallel.checkpoint import MANIFEST, checkpoint_config, load_checkpoint, remove_checkpoint
-from sailor_engine.synth.config import SynthConfig
 from sailor_engine.synth.pipeline import synthesize, write_world
 from sailor_engine.train.__main__ import main
 from sailor_engine.train.rft import complete_checkpoints
+from tests.train.tiny import MODEL_YAML, SYNTH
 
-SYNTH = SynthConfig(seed=1, num_entities=60, num_questions=60, max_hops=2, level_mix=(1, 1, 0), vocab_size=384,
-                    min_pair_frequency=2, expert_max_tokens=1600, expert_min_tool_calls=1)
-CONFIG = """\
-model: {family: qwen2, qkv_bias: true, hidden_size: 32, intermediate_size: 64, num_layers: 2, num_heads: 4,
-        num_kv_heads: 2, max_position_embeddings: 2048}
-synth: {expert_max_tokens: 1600}
+CONFIG = MODEL_YAML + """\
 train:
   data_dir: DATA
   micro_batch_tokens: 2048

@@ -26,20 +26,15 @@ from sailor_engine.config import load_config
 from sailor_engine.model import Transformer
 from sailor_engine.parallel.checkpoint import checkpoint_config, load_checkpoint
 from sailor_engine.parallel.data import unwrap
-from sailor_engine.synth.config import SynthConfig
 from sailor_engine.synth.pipeline import synthesize, write_world
 from sailor_engine.train import rft, rl
 from sailor_engine.train.__main__ import main
 from sailor_engine.train.batching import Sequence
 from sailor_engine.train.guards import NonFiniteGuard, TrainingStopped, finite_or_none, json_row
 from sailor_engine.train.setup import Runtime, build_model, build_optimizer, load_rft_data, wrap_model
+from tests.train.tiny import MODEL_YAML, SYNTH
 
-SYNTH = SynthConfig(seed=1, num_entities=60, num_questions=60, max_hops=2, level_mix=(1, 1, 0), vocab_size=384,
-                    min_pair_frequency=2, expert_max_tokens=1600, expert_min_tool_calls=1)
-CONFIG = """\
-model: {family: qwen2, qkv_bias: true, hidden_size: 32, intermediate_size: 64, num_layers: 2, num_heads: 4,
-        num_kv_heads: 2, max_position_embeddings: 2048}
-synth: {expert_max_tokens: 1600}
+CONFIG = MODEL_YAML + """\
 algo: {group_size: 2, updates_per_batch: 2}
 train:
   data_dir: DATA

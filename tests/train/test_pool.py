@@ -27,19 +27,14 @@ from sailor_engine.parallel.checkpoint import read_manifest
 from sailor_engine.rl.dupo import prefilter
 from sailor_engine.rl.rewards import RewardBatch
 from sailor_engine.rollout.agent import Trajectory
-from sailor_engine.synth.config import SynthConfig
 from sailor_engine.synth.pipeline import synthesize, write_world
 from sailor_engine.train import rl
 from sailor_engine.train.__main__ import main
 from sailor_engine.train.pool import QuestionPool, draw_order, prefilter_pass
 from sailor_engine.train.rl import Rollouts, step_tasks
+from tests.train.tiny import MODEL_YAML, SYNTH
 
-SYNTH = SynthConfig(seed=1, num_entities=60, num_questions=60, max_hops=2, level_mix=(1, 1, 0), vocab_size=384,
-                    min_pair_frequency=2, expert_max_tokens=1600, expert_min_tool_calls=1)
-CONFIG = """\
-model: {family: qwen2, qkv_bias: true, hidden_size: 32, intermediate_size: 64, num_layers: 2, num_heads: 4,
-        num_kv_heads: 2, max_position_embeddings: 2048}
-synth: {expert_max_tokens: 1600}
+CONFIG = MODEL_YAML + """\
 algo: {preset: custom, group_size: 4, updates_per_batch: 2}
 rollout: {max_new_tokens: 16, max_turns: 2, max_context: 2048}
 train:

@@ -24,20 +24,14 @@ import torch
 
 from sailor_engine.model import Tokenizer, load_hf
 from sailor_engine.rollout.format import ChatTemplate
-from sailor_engine.synth.config import SynthConfig
 from sailor_engine.synth.expert import Trajectory
 from sailor_engine.synth.pipeline import read_jsonl, synthesize, write_world
 from sailor_engine.train.__main__ import main
 from sailor_engine.train.batching import Sequence
 from sailor_engine.train.rft import batch_indices, deal, micro_batches
+from tests.train.tiny import MODEL_YAML, SYNTH
 
-# 384 tokens: a multiple of 64 * 2, so the padded vocabulary is the same at tp=1 and tp=2.
-SYNTH = SynthConfig(seed=1, num_entities=60, num_questions=60, max_hops=2, level_mix=(1, 1, 0), vocab_size=384,
-                    min_pair_frequency=2, expert_max_tokens=1600, expert_min_tool_calls=1)
-CONFIG = """\
-model: {family: qwen2, qkv_bias: true, hidden_size: 32, intermediate_size: 64, num_layers: 2, num_heads: 4,
-        num_kv_heads: 2, max_position_embeddings: 2048}
-synth: {expert_max_tokens: 1600}
+CONFIG = MODEL_YAML + """\
 train:
   data_dir: DATA
   micro_batch_tokens: 2048

@@ -1,0 +1,16 @@
+"""The tiny world and decoder the trainer tests share (imported as tests.train.tiny).
+
+60 entities, 1- and 2-hop questions, 21 expert trajectories; a 2-layer width-32 Qwen2-style decoder.
+The tokenizer's 384 tokens are a multiple of 64 * 2, so the padded vocabulary is the same at tp=1
+and tp=2. Each test file appends its own algo / rollout / train sections to MODEL_YAML.
+"""
+
+from sailor_engine.synth.config import SynthConfig
+
+SYNTH = SynthConfig(seed=1, num_entities=60, num_questions=60, max_hops=2, level_mix=(1, 1, 0), vocab_size=384,
+                    min_pair_frequency=2, expert_max_tokens=1600, expert_min_tool_calls=1)
+MODEL_YAML = """\
+model: {family: qwen2, qkv_bias: true, hidden_size: 32, intermediate_size: 64, num_layers: 2, num_heads: 4,
+        num_kv_heads: 2, max_position_embeddings: 2048}
+synth: {expert_max_tokens: 1600}
+"""
