@@ -300,7 +300,7 @@ class CachedAttention:
         dev, K = n.device, self.k_max
         single = n == 1
         self.one = None
-        if int(single.sum()) > 1:  # one-token rows (decodes) stay batched
+        if int(single.sum()) >= 1:  # one-token rows (decodes) always take the batched path, even alone
             self.one_tok = cu_seqlens[:-1].to(dev, torch.int64)[single]  # their tokens in the packed order
             self.one = OneTokenAttention(self.cache, self.slots[single], start[single])
         # (first token, chunk length, start position, slot) of every row attended on its own

@@ -341,7 +341,7 @@ class FusedWeights:
 
     def logits(self, hidden: Tensor) -> Tensor:
         """(N, H) -> (N, V), as Transformer.logits."""
-        return hidden @ self.output_t
+        return _rows2(lambda h: h @ self.output_t, hidden)
 
     def run(self, input_ids: Tensor, positions: Tensor, attn) -> Tensor:
         """Transformer._run on the fused copies: (N,) token ids -> final-norm hidden (N, H)."""
@@ -383,9 +383,19 @@ def _linears(layer: DecoderLayer) -> tuple[nn.Linear, ...]:
 
 def _matmul(x: Tensor, w_t: Tensor, b: Tensor | None) -> Tensor:
     """x: (N, in), w_t: (in, out) -> (N, out)."""
-    return x @ w_t if b is None else torch.addmm(b, x, w_t)
+    return _rows2(lambda x: x @ w_t if b is None else torch.addmm(b, x, w_t), x)
 
 
 def _residual_matmul(res: Tensor, x: Tensor, w_t: Tensor, b: Tensor | None) -> Tensor:
     """res + (x @ w_t + b); without a bias the residual add happens inside the GEMM (one op)."""
+    if x.shape[0] == 1:  # as _rows2
+        return _residual_matmul(res.expand(2, -1), x.expand(2, -1), w_t, b)[:1]
     return torch.addmm(res, x, w_t) if b is None else res + torch.addmm(b, x, w_t)
+
+
+def _rows2(f, x: Tensor) -> Tensor:
+    """f(x) for a row-wise GEMM f, never on one row. MKL runs M = 1 as a GEMV whose sums round
+    differently from the GEMM of M >= 2, so a generator row's logits would depend on whether it ran
+    alone in its step, which follows tool timing; with it every row is computed the same way
+    whatever the batch (the RL trainer's trajectories must not depend on the rank or the batch)."""
+    return f(x.expand(2, *x.shape[1:]))[:1] if x.shape[0] == 1 else f(x)

@@ -226,19 +226,25 @@ class Generator:
 
     # -- internals -----------------------------------------------------------------------------
     def _admit(self) -> None:
-        while self.waiting and len(self.running) < self.max_batch:
-            r = self.waiting[0]
+        """Move waiting requests to running, in order, up to max_batch. A request whose session holds
+        no cache row takes a free or evictable one; when every row is held by a busy session it stays
+        waiting and the requests behind it whose sessions hold a row go ahead: with those rows'
+        sessions queued behind it, waiting for them would wait forever."""
+        i = 0
+        while i < len(self.waiting) and len(self.running) < self.max_batch:
+            r = self.waiting[i]
             s = r.session
             if s.slot is None:
                 slot = self._take_slot()
                 if slot is None:
-                    break  # every row is held by a running request: wait for one to finish
+                    i += 1
+                    continue
                 s.slot, s.cached = slot, 0
                 self.cache.reset([slot])
             elif s.cached >= len(s.context):  # fully cached: re-feed the last token to get logits
                 s.cached = len(s.context) - 1
                 self.cache.lengths[s.slot] = s.cached
-            self.waiting.pop(0)
+            self.waiting.pop(i)
             self.running.append(r)
 
     @staticmethod

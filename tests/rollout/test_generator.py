@@ -138,6 +138,74 @@ def test_eviction_reprefills_and_stays_correct(hf_pair):
     assert gen.stats["evictions"] >= 2
 
 
+def test_a_session_without_a_row_does_not_block_those_holding_one(hf_pair):
+    """Two rows, both held by sessions whose next requests queue behind a third session's: the third
+    waits, the two run (they once waited behind it forever), and then it evicts one of them."""
+    _, ours = hf_pair
+    ps = prompts(83, seed=5)[:3]
+    params = SamplingParams(greedy=True, max_new_tokens=3)
+    gen = Generator(ours, max_batch=2, max_seq_len=64, num_slots=2)
+    a, b, c = (gen.open_session() for _ in ps)
+    for s, p in ((a, ps[0]), (b, ps[1])):
+        gen.submit(s, p, params)
+    assert len(_drain(gen)) == 2  # a and b now hold both rows, idle
+    gen.submit(c, ps[2], params)  # no row for c: every row is held...
+    gen.submit(a, [1, 2], params)  # ...by sessions queued behind it
+    gen.submit(b, [3], params)
+    done = {}
+    for _ in range(50):
+        done.update({s.id: out for s, out in gen.step()})
+        if not gen.has_work():
+            break
+    assert set(done) == {a.id, b.id, c.id}
+    want = Generator(ours, max_batch=1, max_seq_len=64).generate([ps[2]], params)[0]
+    assert done[c.id].token_ids == want.token_ids
+
+
+def test_a_row_does_not_depend_on_its_batch():
+    """Bit for bit: the RL trainer's trajectories must not depend on which rank or batch sampled them.
+    Eight 3-turn sampled sessions (prompt, then two observations each), all in one Generator or one
+    per Generator (as they would run alone on a rank): a row alone in its step once ran its GEMMs as
+    GEMVs, which round differently (log-prob differences ~5e-5 here, enough to flip sampled tokens)."""
+    from sailor_engine.model import ModelConfig, Transformer
+
+    cfg = ModelConfig(family="qwen2", qkv_bias=True, vocab_size=384, hidden_size=64, intermediate_size=128,
+                      num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=2048)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        for w in model.parameters():
+            if w.ndim > 1:
+                w.mul_(4.0)
+
+    def ids(n: int, seed: int) -> list[int]:
+        return torch.randint(0, 384, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+    def run(groups: list[list[int]]) -> dict[int, tuple[list[int], list[float]]]:
+        out = {}
+        for grp in groups:
+            gen = Generator(model, max_batch=len(grp), max_seq_len=1024)
+            sess, turn, rngs = {}, {}, {}
+            for e in grp:
+                s = gen.open_session()
+                sess[s.id], turn[e], rngs[e], out[e] = e, 0, torch.Generator().manual_seed(7 + e), ([], [])
+                gen.submit(s, ids(20 + 7 * e, 100 + e), SamplingParams(max_new_tokens=12 + 3 * e), rng=rngs[e])
+            while gen.has_work():
+                for s, c in gen.step():
+                    e = sess[s.id]
+                    out[e][0].extend(c.token_ids)
+                    out[e][1].extend(c.logprobs)
+                    turn[e] += 1
+                    if turn[e] < 3:
+                        gen.submit(s, ids(5 + 13 * ((e + turn[e]) % 4), 1000 * e + turn[e]),
+                                   SamplingParams(max_new_tokens=12 + 3 * e), rng=rngs[e])
+        return out
+
+    together = run([list(range(8))])
+    assert run([[e] for e in range(8)]) == together
+    assert run([[0, 2, 4, 6], [1, 3, 5, 7]]) == together
+
+
 def test_stop_tokens_and_strings(hf_pair):
     _, ours = hf_pair
     p = prompts(83, seed=5)[1]

@@ -5,14 +5,16 @@ decoder that memorises the expert trajectories; the RL tasks are those experts' 
 sampled episodes are well-formed and correct and others not: groups carry signal). Single process:
 two RL steps run end to end and write sane metrics (sampling and training log-probs agree at the
 first update, every counter adds up), and a run resumed from a checkpoint writes the uninterrupted
-run's metrics. Under torchrun (gloo) dp=2 (DDP) and tp=2 reproduce the single-process run: the same
-trajectories (rewards, DUPO counts, tokens exactly) and per-step losses and gradient norms to
-1e-5 relative. pp=2 is refused with a message naming the field.
+run's metrics. Under torchrun (gloo) dp=2 (DDP) and tp=2 reproduce the single-process run's first
+step: the same trajectories (rewards, DUPO counts, tokens exactly; the CPU generator is batch-invariant,
+so a trajectory does not depend on the rank or batch that produced it) and losses and gradient norms
+to 1e-5 relative. pp=2 is refused with a message naming the field.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -155,8 +157,14 @@ def test_several_processes_match_the_single_process_run(world, single, layout):
     out = world / f"dist-{layout}"
     proc = torchrun(world, out, layout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    worst = assert_same_run(metrics(out), metrics(single))
-    print(f"{layout}: max relative loss / grad-norm difference {worst:.1e}")
+    got, ref = metrics(out), metrics(single)
+    # Step 1 starts from the same weights: the same trajectories, losses to 1e-5. After an update the
+    # weights differ in the last bits (gradients summed over ranks / tp shards in another order), so a
+    # sampled token may flip later on: step 2 is only required to run and to be sane.
+    worst = assert_same_run(got[:1], ref[:1])
+    assert [r["step"] for r in got] == [r["step"] for r in ref]
+    assert all(r["episodes"] == ref[0]["episodes"] and all(map(math.isfinite, r["losses"])) for r in got[1:])
+    print(f"{layout}: max relative loss / grad-norm difference at step 1 {worst:.1e}")
 
 
 @pytest.mark.dist
