@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import torch
 import torch.distributed as dist
 
@@ -190,14 +191,20 @@ def evaluate(model, web, tpl: ChatTemplate, tasks: Sequence, cfg: Config, rt=Non
         runner = ToolRunner([SearchTool(web), VisitTool(web)], limits=ToolLimits(timeout_s=r.tool_timeout_s))
     try:
         if hi > lo:
+            # Chunks of at most rollout.max_batch episodes: more sessions than cache rows would evict
+            # idle episodes and prefill their whole history again when they resume.
+            per = max(1, r.max_batch // G)
             gen = Generator(model, max_batch=min(r.max_batch, (hi - lo) * G),
                             max_seq_len=r.max_context or model.cfg.max_position_embeddings)
-            loop = AgentLoop(gen, Lockstep(runner) if tp > 1 else runner, tpl, params=params, max_turns=r.max_turns,
-                             system=system)
+            trajs = []
             was_training = model.training
             model.eval()
             try:
-                trajs = loop.run(tasks[lo:hi], group_size=G)
+                for c in range(lo, hi, per):
+                    p = msgspec.structs.replace(params, seed=seed * 1_000_003 + c * G)
+                    loop = AgentLoop(gen, Lockstep(runner) if tp > 1 else runner, tpl, params=p,
+                                     max_turns=r.max_turns, system=system)
+                    trajs += loop.run(tasks[c:min(c + per, hi)], group_size=G)
             finally:
                 model.train(was_training)
             answers = [[t.answer, *t.aliases] for t in tasks[lo:hi] for _ in range(G)]
