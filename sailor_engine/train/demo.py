@@ -4,7 +4,7 @@
     sailor-engine demo --set train.rl.steps=4   # any field of the config
 
 1. synth: knowledge graph -> verified, obfuscated 1- and 2-hop questions -> offline web (pages + BM25
-   index) -> tokenizer -> expert ReAct trajectories for half of the training questions (split by
+   index) -> tokenizer -> expert ReAct trajectories for 70% of the training questions (split by
    answer entity: the RL pool's answers are ones RFT never saw; held-out answers neither).
 2. eval of the untrained model (greedy pass@1): the floor.
 3. RFT (train_rft, the trainer a torchrun job runs): packed varlen micro-batches, fused log-prob,
@@ -46,19 +46,19 @@ DEMO_OVERRIDES = (
     # world: 1- and 2-hop questions over a few hundred entities; short search snippets
     "synth.num_entities=400", "synth.num_questions=2000", "synth.test_fraction=0.3", "synth.max_hops=2",
     "synth.level_mix=[0.5,0.5,0.0]", "synth.vocab_size=2048", "synth.search_top_k=2", "synth.snippet_chars=40",
-    "synth.expert_max_tokens=2048", "synth.expert_fraction=0.5",
+    "synth.expert_max_tokens=2048", "synth.expert_fraction=0.7",
     # a ~0.9M-parameter Qwen2-style decoder with tied embeddings (copying names needs them at this size)
     "model.family=qwen2", "model.qkv_bias=true", "model.hidden_size=128", "model.intermediate_size=352",
     "model.num_layers=4", "model.num_heads=4", "model.num_kv_heads=2", "model.max_position_embeddings=2048",
-    "rollout.max_new_tokens=64", "rollout.max_turns=8", "rollout.max_context=2048", "rollout.max_batch=128",
+    "rollout.max_new_tokens=96", "rollout.max_turns=8", "rollout.max_context=2048", "rollout.max_batch=128",
     # RFT: a from-scratch model wants a far larger lr than the paper's 5e-6
     "train.out_dir=runs/demo", "train.dtype=float32", "train.micro_batch_tokens=16384", "train.checkpoint_every=50",
-    "train.rft.lr=3e-3", "train.rft.batch_size=32", "train.rft.epochs=100", "train.rft.max_steps=150",
+    "train.rft.lr=3e-3", "train.rft.batch_size=32", "train.rft.epochs=100", "train.rft.max_steps=300",
     "train.rft.warmup_steps=10",
     # RL: DUPO (V1) on the questions RFT never saw; no pre-filter pass (the pool is curated as it goes)
     "algo.preset=dupo", "algo.group_size=8", "algo.updates_per_batch=2", "algo.prefilter=none",
     "train.rl.lr=2e-4", "train.rl.questions_per_step=16", "train.rl.steps=12", "train.rl.exclude_expert_tasks=true",
-    "train.eval_tasks=500", "train.eval_samples=4",
+    "train.eval_tasks=300", "train.eval_samples=2",
 )
 
 UNTRAINED_TASKS = 100  # held-out tasks the untrained model is evaluated on (the first of the RFT / RL ones)
