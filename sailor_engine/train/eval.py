@@ -12,8 +12,9 @@ rewards.score_batch's (exact match over the answer and its aliases, after normal
 
 Intervals. Greedy: one Bernoulli outcome per task, the Wilson score interval (exact enough at small n
 and near 0 or 1, where the normal one fails). Sampled: the per-task success rates are the unit (tasks
-are what varies between evals; samples of one task are not independent of it): their mean with a
-normal interval over tasks. Two policies on the same tasks are compared by the paired per-task
+are what varies between evals; samples of one task are not independent of it); a rate in [0, 1] with
+mean p has variance at most p (1 - p), so the Wilson interval over the tasks bounds their mean
+conservatively, and stays honest at 0% or 100% where an empirical standard deviation is 0. Two policies on the same tasks are compared by the paired per-task
 differences, whose interval is far tighter than the two separate ones when the policies agree on
 most tasks. Sampled evals draw from seeds fixed by (seed, task, sample), the same for every policy,
 so paired comparisons also share their random numbers.
@@ -114,7 +115,7 @@ class EvalResult:
         ts = self.tasks if tasks is None else tasks
         if self.samples == 1:
             return wilson(sum(t.correct[0] for t in ts), len(ts))
-        return mean_interval([t.rate for t in ts])
+        return wilson(sum(t.rate for t in ts), len(ts))  # a rate in [0, 1] varies at most as a Bernoulli
 
     def by(self, key: str) -> dict[int, Estimate]:
         """pass@1 per value of a task attribute ("level" or "hops")."""
