@@ -26,12 +26,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from sailor_engine.model import Transformer
-from sailor_engine.parallel.checkpoint import MANIFEST, checkpoint_config, load_checkpoint, remove_checkpoint
+from sailor_engine.parallel.checkpoint import MANIFEST, remove_checkpoint
 from sailor_engine.synth.pipeline import synthesize, write_world
 from sailor_engine.train.__main__ import main
 from sailor_engine.train.rft import complete_checkpoints
-from tests.train.tiny import MODEL_YAML, SYNTH
+from tests.train.tiny import MODEL_YAML, SYNTH, load_trained
 
 CONFIG = MODEL_YAML + """\
 train:
@@ -79,11 +78,7 @@ def uninterrupted(world) -> Path:
 
 def weights(path: Path) -> tuple[dict, dict]:
     """A checkpoint's parameters and AdamW state, loaded the trainer's way."""
-    with torch.device("meta"):
-        model = Transformer(checkpoint_config(path))
-    load_checkpoint(model, path, assign=True)
-    opt = torch.optim.AdamW(model.parameters())
-    load_checkpoint(model, path, optimizer=opt)
+    model, opt = load_trained(path)
     return ({n: p.detach().clone() for n, p in model.named_parameters()},
             {n: dict(opt.state[p]) for n, p in model.named_parameters()})
 

@@ -23,8 +23,6 @@ import torch
 
 from sailor_engine import cli
 from sailor_engine.config import load_config
-from sailor_engine.model import Transformer
-from sailor_engine.parallel.checkpoint import checkpoint_config, load_checkpoint
 from sailor_engine.parallel.data import unwrap
 from sailor_engine.synth.pipeline import synthesize, write_world
 from sailor_engine.train import rft, rl
@@ -32,7 +30,7 @@ from sailor_engine.train.__main__ import main
 from sailor_engine.train.batching import Sequence
 from sailor_engine.train.guards import NonFiniteGuard, TrainingStopped, finite_or_none, json_row
 from sailor_engine.train.setup import Runtime, build_model, build_optimizer, load_rft_data, wrap_model
-from tests.train.tiny import MODEL_YAML, SYNTH
+from tests.train.tiny import MODEL_YAML, SYNTH, load_trained
 
 CONFIG = MODEL_YAML + """\
 algo: {group_size: 2, updates_per_batch: 2}
@@ -205,12 +203,7 @@ def test_rft_stops_after_max_nonfinite_steps(world, clean, monkeypatch, capsys):
 
 
 def load(path: Path) -> tuple[dict, dict]:
-    with torch.device("meta"):
-        model = Transformer(checkpoint_config(path))
-    load_checkpoint(model, path, assign=True)
-    opt = torch.optim.AdamW(model.parameters())
-    load_checkpoint(model, path, optimizer=opt)
-    return snapshot(model, opt)
+    return snapshot(*load_trained(path))
 
 
 # -- RL: the per-update guard of _train -----------------------------------------------------------
