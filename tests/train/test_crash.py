@@ -69,10 +69,21 @@ def step_of(ckpt: Path) -> int:
     return int(ckpt.name.removeprefix("step-"))
 
 
+def train(argv: list[str]) -> int:
+    """The trainer in this process with one thread, as the killed subprocesses run (ENV): bit-equal
+    metrics need the same reduction order, which the number of threads changes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(world) -> Path:
     out = world / "uninterrupted"
-    assert main(args(world, out) + ["--set", f"train.keep_last={STEPS}"]) == 0  # every checkpoint, to compare
+    assert train(args(world, out) + ["--set", f"train.keep_last={STEPS}"]) == 0  # every checkpoint, to compare
     return out
 
 
@@ -114,7 +125,7 @@ def test_sigkill_during_training_then_resume(world, uninterrupted):
     assert newest < STEPS and len(metrics(out)) > newest and not (out / "hf").exists()
     with open(out / "metrics.jsonl", "a") as f:  # and as if the kill had cut a line short (a line is one write)
         f.write('{"step": 99, "loss": 4.')
-    assert main(args(world, out)) == 0
+    assert train(args(world, out)) == 0
     assert same_run(metrics(out)) == same_run(metrics(uninterrupted))  # exact: CPU fp32 is deterministic
     assert_same_checkpoint(out / "checkpoints" / f"step-{STEPS:08d}", uninterrupted / "checkpoints" / f"step-{STEPS:08d}")
 
@@ -168,7 +179,7 @@ def test_sigkill_during_a_checkpoint_write(world, uninterrupted, tmp_path, where
     assert_same_checkpoint(previous, uninterrupted / "checkpoints" / "step-00000002")  # exactly what was saved
 
     # Resumes from step 2 and saves step 4 again into the same directory (all kept, to look at it).
-    assert main(args(world, out) + ["--set", f"train.keep_last={STEPS}"]) == 0
+    assert train(args(world, out) + ["--set", f"train.keep_last={STEPS}"]) == 0
     assert same_run(metrics(out)) == same_run(metrics(uninterrupted))
     assert_same_checkpoint(ckpts / f"step-{STEPS:08d}", uninterrupted / "checkpoints" / f"step-{STEPS:08d}")
     leftovers = [p.relative_to(ckpts) for p in ckpts.rglob("*") if p.is_file() and p.name.startswith(".")]
