@@ -14,6 +14,7 @@ training answer.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +102,9 @@ def summary(world: World) -> dict:
         "vocab": world.tokenizer.get_vocab_size(),
         "experts": len(world.experts),
         "expert_tokens_mean": round(float(np.mean([t.num_tokens for t in world.experts])), 1) if world.experts else 0.0,
+        # what search returns: the expert trajectories hold results of these settings, so every later
+        # reader of this world (RL, eval) must serve the same (load_world takes them from here)
+        "web": {"search_top_k": world.cfg.search_top_k, "snippet_chars": world.cfg.snippet_chars},
     }
 
 
@@ -138,8 +142,13 @@ def write_world(world: World, out_dir: Path) -> None:
 
 
 def load_world(out_dir: Path, cfg: SynthConfig | None = None) -> World:
-    """Read a world written by run_synth (cfg: the one it was made with, for the search settings)."""
+    """Read a world written by run_synth. Search serves the settings it was synthesized with (its
+    summary.json "web"; the expert trajectories hold such results), whatever `cfg` says; cfg's
+    search_top_k / snippet_chars are used only for a world written without them."""
     cfg = cfg or SynthConfig()
+    web = json.loads((out_dir / "summary.json").read_text()).get("web") if (out_dir / "summary.json").is_file() else None
+    if web:
+        cfg = msgspec.structs.replace(cfg, search_top_k=web["search_top_k"], snippet_chars=web["snippet_chars"])
     pages = read_jsonl(out_dir / "corpus.jsonl", Page)
     return World(cfg, load_triples(out_dir / "graph.jsonl"), read_jsonl(out_dir / "tasks.train.jsonl", Task),
                  read_jsonl(out_dir / "tasks.test.jsonl", Task), pages,

@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 from sailor_engine.env.tools import SearchTool, VisitTool, call_tool
 from sailor_engine.model.tokenizer import SPECIAL_TOKENS
 from sailor_engine.synth.config import SynthConfig
-from sailor_engine.synth.pipeline import is_test, load_world, run_synth, synthesize
+from sailor_engine.synth.pipeline import is_test, load_world, run_synth, synthesize, write_world
 
 CFG = SynthConfig(seed=7, num_entities=300, num_questions=240, search_top_k=3, level_mix=(0.35, 0.4, 0.25),
                   expert_max_tokens=4096, vocab_size=1024)
@@ -244,3 +244,16 @@ def test_expert_fraction_leaves_a_pool_with_fresh_answers():
     assert {e.task_id for e in w.experts} <= {e.task_id for e in full.experts}
     share = {t.answer_id for t in w.train if is_test(f"{cfg.seed}:experts", t.answer_id, 0.5)}
     assert expert_answers <= share
+
+
+def test_a_written_world_serves_search_as_it_was_synthesized(tmp_path):
+    """The expert trajectories hold search results of the synth-time settings: a reader with another
+    (or the default) synth config must still get those, or the RFT model sees another format in RL."""
+    cfg = msgspec.structs.replace(CFG, num_questions=40, search_top_k=2, snippet_chars=40)
+    w = synthesize(cfg)
+    write_world(w, tmp_path)
+    back = load_world(tmp_path, SynthConfig())  # defaults: 5 results, 80 characters
+    assert (back.web.top_k, back.web.snippet_chars) == (2, 40)
+    q = w.test[0].question
+    assert asyncio.run(call_tool(SearchTool(back.web), {"query": [q]})) == \
+        asyncio.run(call_tool(SearchTool(w.web), {"query": [q]}))
