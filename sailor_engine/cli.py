@@ -148,7 +148,6 @@ def demo(args: argparse.Namespace) -> None:
 
 def evaluate(args: argparse.Namespace) -> None:
     cfg = _config(args)
-    import msgspec
 
     from sailor_engine.model import Tokenizer
     from sailor_engine.rollout.format import ChatTemplate
@@ -162,7 +161,7 @@ def evaluate(args: argparse.Namespace) -> None:
     if not args.model.is_dir():
         raise ConfigError(f"--model {str(args.model)!r}: not a directory (an HF model or an engine checkpoint)")
     world = load_world(d, cfg.synth)
-    system = msgspec.to_builtins(world.experts[0].messages[0])["content"] if world.experts else None
+    system = world.system_prompt
     tasks = world.test[:args.tasks or cfg.train.eval_tasks]
     model = load_policy(args.model)
     res = run_eval(model, world.web, ChatTemplate(Tokenizer(world.tokenizer)), tasks, cfg,

@@ -49,6 +49,11 @@ class World:
     tokenizer: Tokenizer
     experts: list[Trajectory]
 
+    @property
+    def system_prompt(self) -> str | None:
+        """The system prompt the expert trajectories (so an RFT model) were rendered with; None without experts."""
+        return self.experts[0].messages[0].content if self.experts else None
+
 
 def _no_progress(desc: str, total: int) -> Advance:
     return lambda n: None

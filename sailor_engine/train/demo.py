@@ -99,7 +99,7 @@ def run_demo(cfg: Config, console: Console | None = None) -> DemoResult:
     cfg = msgspec.structs.replace(cfg, train=msgspec.structs.replace(cfg.train, data_dir=str(data)))
     rt = init_runtime(cfg)
     tpl = ChatTemplate(Tokenizer(world.tokenizer))
-    system = msgspec.to_builtins(world.experts[0].messages[0])["content"]
+    system = world.system_prompt
     tasks = world.test[:cfg.train.eval_tasks]
     evals: dict[str, dict[str, EvalResult]] = {}
 

@@ -202,15 +202,27 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if (p / MANIFEST).is_file())
 
 
-def _save(model, net, opt, cfg: Config, rt: Runtime, step: int, num_seqs: int) -> Path:
+def save_step(model, net, opt, cfg: Config, rt: Runtime, step: int, run_key: dict) -> Path:
+    """Checkpoint `step` (manifest extra: the run key and the step), then drop all but the newest
+    train.keep_last complete ones. Collective; returns the checkpoint's path."""
     path = _ckpt_root(cfg) / f"step-{step:08d}"
-    extra = {"step": step, "num_seqs": num_seqs, "batch_size": cfg.train.rft.batch_size, "seed": cfg.train.seed}
-    save_state(model, net, opt, path, rt, extra)
+    save_state(model, net, opt, path, rt, {**run_key, "step": step})
     if rt.rank == 0:
         for old in complete_checkpoints(_ckpt_root(cfg))[:-cfg.train.keep_last]:
             remove_checkpoint(old)
     _barrier(rt)
     return path
+
+
+def finish(save, last: int, saved: int | None, cfg: Config, rt: Runtime, log: _Log) -> None:
+    """The end of a phase: checkpoint `last` unless it was just saved (save(step)), export it to
+    out_dir/hf, flush TensorBoard and write the plots."""
+    if saved != last:
+        save(last)
+    if rt.rank == 0:
+        export_hf(_ckpt_root(cfg) / f"step-{last:08d}", Path(cfg.train.out_dir) / "hf")
+    log.close()
+    _barrier(rt)
 
 
 def resume_latest(model, net, opt, cfg: Config, rt: Runtime, want: dict, mismatch: str, advice: str) -> int:
@@ -334,6 +346,7 @@ def train_rft(cfg: Config, rt: Runtime) -> list[dict]:
                           "another train.out_dir") if t.resume else fresh_start(cfg)
     log = _Log(Path(t.out_dir) / "metrics.jsonl", start, rt.rank == 0, cfg)
     history, saved, t0 = [], start if start > 0 else None, time.perf_counter()
+    save = lambda step: save_step(model, net, opt, cfg, rt, step, want)  # noqa: E731
     guard = NonFiniteGuard(t.max_nonfinite_steps, _ckpt_root(cfg) / f"step-{start:08d}" if start > 0 else None)
     for step in range(start, total):
         tic = time.perf_counter()
@@ -363,12 +376,7 @@ def train_rft(cfg: Config, rt: Runtime) -> list[dict]:
         # A skipped step saves no checkpoint: it would restate the previous weights under a later step,
         # and resuming from it would never retry the batches that failed.
         if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and skipped is None:
-            guard.saved(_save(model, net, opt, cfg, rt, step + 1, n))
+            guard.saved(save(step + 1))
             saved = step + 1
-    if saved != total:
-        _save(model, net, opt, cfg, rt, total, n)
-    if rt.rank == 0:
-        export_hf(_ckpt_root(cfg) / f"step-{total:08d}", Path(t.out_dir) / "hf")
-    log.close()
-    _barrier(rt)
+    finish(save, total, saved, cfg, rt, log)
     return history

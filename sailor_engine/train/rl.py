@@ -54,7 +54,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import msgspec
 import torch
 import torch.distributed as dist
 
@@ -63,7 +62,7 @@ from sailor_engine.env.runner import ToolLimits, ToolRunner
 from sailor_engine.env.tools import SearchTool, VisitTool
 from sailor_engine.kernels.logprob import fused_linear_logprob
 from sailor_engine.model import Tokenizer
-from sailor_engine.parallel.checkpoint import export_hf, read_manifest, remove_checkpoint
+from sailor_engine.parallel.checkpoint import read_manifest
 from sailor_engine.parallel.data import grad_sync, unwrap
 from sailor_engine.parallel.pipeline import MicroBatch
 from sailor_engine.rl.dupo import DynamicSampler, GroupBatch, RLBatch, build_batch, finalize
@@ -77,11 +76,10 @@ from sailor_engine.train.batching import Sequence, pack
 from sailor_engine.train.colocate import Lockstep, block
 from sailor_engine.train.guards import NonFiniteGuard
 from sailor_engine.train.pool import QuestionPool, draw_order, prefilter_pass
-from sailor_engine.train.rft import (_barrier, _ckpt_root, _Log, clip_, complete_checkpoints, deal, fresh_start,
-                                     global_grad_norm, micro_batches, resume_latest)
+from sailor_engine.train.rft import (_ckpt_root, _Log, clip_, deal, finish, fresh_start, global_grad_norm,
+                                     micro_batches, resume_latest, save_step)
 from sailor_engine.train.schedule import lr_at
 from sailor_engine.train.setup import Runtime, build_model, build_optimizer, wrap_model
-from sailor_engine.train.state import save_state
 
 # -- config checks -----------------------------------------------------------------------------
 
@@ -368,21 +366,9 @@ def _run_key(cfg: Config) -> dict:
             "exclude_expert_tasks": cfg.train.rl.exclude_expert_tasks}
 
 
-def _extra(cfg: Config, step: int, pool: QuestionPool) -> dict:
-    return {**_run_key(cfg), "step": step, "pool": pool.state()}
-
-
 def _restore_pool(cfg: Config, step: int) -> QuestionPool:
     """The pool as it was after step `step`, from that checkpoint's manifest (resume_latest loaded it)."""
     return QuestionPool.from_state(read_manifest(_ckpt_root(cfg) / f"step-{step:08d}")["extra"]["pool"])
-
-
-def _save(model, net, opt, cfg: Config, rt: Runtime, step: int, pool: QuestionPool) -> None:
-    save_state(model, net, opt, _ckpt_root(cfg) / f"step-{step:08d}", rt, _extra(cfg, step, pool))
-    if rt.rank == 0:
-        for old in complete_checkpoints(_ckpt_root(cfg))[:-cfg.train.keep_last]:
-            remove_checkpoint(old)
-    _barrier(rt)
 
 
 # -- the loop ----------------------------------------------------------------------------------
@@ -437,7 +423,7 @@ def train_rl(cfg: Config, rt: Runtime) -> list[dict]:
     tok = Tokenizer(world.tokenizer)
     tpl = ChatTemplate(tok)
     # The system prompt the expert trajectories (so the RFT model) were rendered with.
-    system = msgspec.to_builtins(world.experts[0].messages[0])["content"] if world.experts else None
+    system = world.system_prompt
     model = build_model(cfg, tok.vocab_size, rt)
     stage = wrap_model(model, cfg, rt)
     net = unwrap(stage)
@@ -451,6 +437,7 @@ def train_rl(cfg: Config, rt: Runtime) -> list[dict]:
     guard = NonFiniteGuard(t.max_nonfinite_steps, _ckpt_root(cfg) / f"step-{start:08d}" if start > 0 else None)
     pool = _restore_pool(cfg, start) if start > 0 else QuestionPool(t.rl.pool_size or len(pool_tasks))
     last = t.rl.steps  # the final step: earlier if the pool runs out
+    save = lambda step: save_step(model, net, opt, cfg, rt, step, {**_run_key(cfg), "pool": pool.state()})  # noqa: E731
     limits = ToolLimits(timeout_s=cfg.rollout.tool_timeout_s)
     tools = {"search": SearchTool(world.web), "visit": VisitTool(world.web)}
     with ToolRunner([tools[n] for n in cfg.rollout.tools], limits=limits,
@@ -481,15 +468,9 @@ def train_rl(cfg: Config, rt: Runtime) -> list[dict]:
                 log.write(row, t.rl.steps)
             guard.stop_if_exhausted(step + 1)  # TrainingStopped: no checkpoint of this state
             if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and not row["nonfinite_updates"]:
-                _save(model, net, opt, cfg, rt, step + 1, pool)
-                guard.saved(_ckpt_root(cfg) / f"step-{step + 1:08d}")
+                guard.saved(save(step + 1))
                 saved = step + 1
-    if saved != last:
-        _save(model, net, opt, cfg, rt, last, pool)
-    if rt.rank == 0:
-        export_hf(_ckpt_root(cfg) / f"step-{last:08d}", Path(t.out_dir) / "hf")
-    log.close()
-    _barrier(rt)
+    finish(save, last, saved, cfg, rt, log)
     return history
 
 

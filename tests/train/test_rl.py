@@ -23,13 +23,11 @@ from pathlib import Path
 
 import pytest
 
-from sailor_engine.synth.config import SynthConfig
 from sailor_engine.synth.pipeline import synthesize, write_world
 from sailor_engine.train.__main__ import main
 from sailor_engine.train.rl import block, episode_seed, step_tasks
+from tests.train.tiny import SYNTH
 
-SYNTH = SynthConfig(seed=1, num_entities=60, num_questions=60, max_hops=2, level_mix=(1, 1, 0), vocab_size=384,
-                    min_pair_frequency=2, expert_max_tokens=1600, expert_min_tool_calls=1)
 CONFIG = """\
 model: {family: qwen2, qkv_bias: true, hidden_size: 64, intermediate_size: 128, num_layers: 2, num_heads: 4,
         num_kv_heads: 2, max_position_embeddings: 2048}
