@@ -17,10 +17,11 @@ import torch
 import torch.distributed as dist
 
 from sailor_engine.kernels.logprob import fused_linear_logprob
-from sailor_engine.model import ModelConfig, Transformer, load_hf
+from sailor_engine.model import ModelConfig, load_hf
 from sailor_engine.model.parallelize import parallelize_tp, shard_plan
 from sailor_engine.parallel.checkpoint import export_hf, load_checkpoint, read_manifest, save_checkpoint
 from sailor_engine.parallel.dims import ParallelDims
+from tp_model_worker import randomized  # this directory: torchrun puts the script's on sys.path
 
 V = 96
 CONFIGS = {
@@ -29,15 +30,6 @@ CONFIGS = {
     "qwen2-4x2-tied": ModelConfig(family="qwen2", vocab_size=V, hidden_size=48, intermediate_size=80, num_layers=2,
                                   num_heads=4, num_kv_heads=2, qkv_bias=True, tie_word_embeddings=True),
 }
-
-
-def randomized(cfg, seed):
-    model = Transformer(cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.ndim == 1 else 0.15) + (1.0 if "norm" in name else 0.0))
-    return model
 
 
 def assert_slices_of(tag, model, ref):
