@@ -40,10 +40,11 @@ class SynthConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     subgraph_max_nodes: Annotated[int, Meta(ge=2, le=6, description="Most entities in a question's subgraph (exact isomorphism checks enumerate up to 6! maps).")] = 4
     max_hops: Annotated[int, Meta(ge=1, le=6, description="Longest relation chain from an anchor to the answer.")] = 3
     # Questions.
-    num_questions: Annotated[int, Meta(ge=1, description="Questions to emit (train + test), before the expert filter.")] = 2000
+    num_questions: Annotated[int, Meta(ge=1, description="Questions to emit (train + test), before synth.forced_paths and the expert filter.")] = 2000
     level_mix: Annotated[tuple[float, float, float], Meta(description="Target share of levels 1/2/3 (normalised).")] = (0.4, 0.4, 0.2)
     max_constraints: Annotated[int, Meta(ge=1, description="Most attribute constraints on one entity of a question.")] = 2
     obfuscation: Annotated[ObfuscationConfig, Meta(description="Obfuscation operator probabilities.")] = ObfuscationConfig()
+    forced_paths: Annotated[bool, Meta(description="Keep only questions whose path from the named anchor to the answer is forced (each page on it names one entity for the relation taken): no candidate choice that needs clues not yet read. For small models that learn by imitation (the CPU demo); the papers' high-uncertainty questions need the default.")] = False
     test_fraction: Annotated[Prob, Meta(description="Share of tasks held out in tasks.test.jsonl (split by answer entity).")] = 0.1
     # Offline web.
     distractor_pages: Annotated[float, Meta(ge=0, description="Distractor pages per entity (near-miss names, no facts of the graph).")] = 0.1

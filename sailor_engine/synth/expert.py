@@ -147,6 +147,23 @@ class Oracle:
         return Trajectory(task.id, task.answer, msgs, n_calls)
 
 
+def forced_path(g: Graph, checker: Checker, task: Task) -> bool:
+    """Whether every hop from the named anchor to the answer is forced: the page of each entity on the
+    path names exactly one entity for the relation the path takes, so no choice needs knowledge the
+    agent has not read yet (the other clues, if any, are then only checks). False without an anchor."""
+    owner = _tree_entities(g, checker, task)
+    path = _anchor_path(task, owner)
+    if path is None:
+        return False
+    for node, parent in path[:-1]:
+        v, link = owner[id(node)], next(lk for lk in parent.links if lk.node is node)
+        e = _link_edge(g, owner[id(parent)], v, link)
+        out = int(g.src[e]) == v
+        if sum(g.pred[k] == g.pred[e] and o == out for k, _, o in g.edges_of(v)) != 1:
+            return False
+    return True
+
+
 def _clue_words(g: Graph, node: Node) -> list[str]:
     """The answer's own clues, phrased as its page phrases them ("works as a chemist", "employs")."""
     rels = {r.name: r for r in g.relations}

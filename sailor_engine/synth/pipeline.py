@@ -28,7 +28,9 @@ from sailor_engine.env.tools import OfflineWeb, Page
 from sailor_engine.synth.bpe import train_tokenizer
 from sailor_engine.synth.config import SynthConfig
 from sailor_engine.synth.corpus import build_corpus, entity_urls
-from sailor_engine.synth.expert import SYSTEM_PROMPT, Trajectory, chatml, expert_trajectories, filter_trajectories
+from sailor_engine.synth.constraints import Checker
+from sailor_engine.synth.expert import (SYSTEM_PROMPT, Trajectory, chatml, expert_trajectories, filter_trajectories,
+                                        forced_path)
 from sailor_engine.synth.generate import generate_tasks
 from sailor_engine.synth.graph import Graph, load_triples, synthetic_world, write_graph
 from sailor_engine.synth.questions import Rewrite, Task
@@ -75,6 +77,9 @@ def synthesize(cfg: SynthConfig, rewrite: Rewrite | None = None, stage: Stage = 
     adv(1)
     tasks = generate_tasks(g, cfg, urls, np.random.default_rng([cfg.seed, 2]), rewrite,
                            stage("questions", cfg.num_questions))
+    if cfg.forced_paths:
+        checker = Checker(g)
+        tasks = [t for t in tasks if forced_path(g, checker, t)]
     train = [t for t in tasks if not is_test(cfg.seed, t.answer_id, cfg.test_fraction)]
     test = [t for t in tasks if is_test(cfg.seed, t.answer_id, cfg.test_fraction)]
     adv = stage("pages + search index", 2)
@@ -183,6 +188,8 @@ def run_synth(cfg: SynthConfig, out_dir: Path, rewrite: Rewrite | None = None) -
     for key, value in s.items():
         table.add_row(key, ", ".join(f"{k}: {v}" for k, v in value.items()) if isinstance(value, dict) else str(value))
     console.print(table)
-    if len(world.train) + len(world.test) < cfg.num_questions:
+    if len(world.train) + len(world.test) < cfg.num_questions and not cfg.forced_paths:
         console.print(f"[yellow]warning:[/] the graph yielded {len(world.train) + len(world.test)} of "
                       f"{cfg.num_questions} questions (too small for the requested levels and sizes)")
+    elif cfg.forced_paths:
+        console.print(f"synth.forced_paths kept {len(world.train) + len(world.test)} of the {cfg.num_questions} questions")

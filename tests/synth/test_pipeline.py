@@ -257,3 +257,35 @@ def test_a_written_world_serves_search_as_it_was_synthesized(tmp_path):
     q = w.test[0].question
     assert asyncio.run(call_tool(SearchTool(back.web), {"query": [q]})) == \
         asyncio.run(call_tool(SearchTool(w.web), {"query": [q]}))
+
+
+def _named_on_path(traj) -> list[int]:
+    """For each hop of an expert trajectory (a visit whose goal is one relation, followed by "which fits"),
+    how many entities the page's evidence line for that relation names: read from the text alone."""
+    counts = []
+    msgs = traj.messages
+    for k in range(2, len(msgs) - 2):
+        call, resp, nxt = msgs[k], msgs[k + 1], msgs[k + 2]
+        if '"name":"visit"' not in call.content or "which fits the question" not in nxt.content:
+            continue
+        goal = json.loads(call.content.split("<tool_call>")[1].split("</tool_call>")[0])["arguments"]["goal"]
+        line = next(s for s in resp.content.splitlines() if s.startswith(goal + " "))
+        names = line[len(goal) + 1:].rstrip(".").replace(" and ", ", ").split(", ")
+        counts.append(len(names))
+    return counts
+
+
+def test_forced_paths_keeps_the_questions_whose_hops_name_one_entity():
+    """synth.forced_paths: the same questions minus those where a page on the path names several entities
+    for the relation taken (the oracle would pick the right one with knowledge the agent lacks)."""
+    cfg = msgspec.structs.replace(CFG, num_questions=200, expert_max_tokens=1 << 16, level_mix=(0.5, 0.5, 0.0))
+    full = synthesize(cfg)
+    forced = synthesize(msgspec.structs.replace(cfg, forced_paths=True))
+    kept = {t.id for t in forced.train + forced.test}
+    assert [t.question for t in forced.train] == [t.question for t in full.train if t.id in kept]
+    assert [t.question for t in forced.test] == [t.question for t in full.test if t.id in kept]
+    hops = {e.task_id: _named_on_path(e) for e in full.experts}
+    assert all(len(c) >= 1 for c in hops.values())
+    assert {i for i, c in hops.items() if c == [1] * len(c)} == kept & set(hops)
+    assert 0 < len(kept) < len(full.train) + len(full.test)
+    assert {e.task_id for e in forced.experts} == kept & set(hops)
