@@ -58,6 +58,21 @@ class RLConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     pool_refresh: Annotated[bool, Meta(description="During RL, retire a question whose latest group was all correct (also all wrong under algo.prefilter=solved_or_failed); no effect when algo.prefilter=none.")] = True
 
 
+class DrillConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Copy drills (train/drills.py) for a from-scratch model before RFT: random sequences written twice."""
+
+    steps: Annotated[int, Meta(ge=0, description="Drill steps; 0: none (a pretrained model copies already).")] = 0
+    lr: Annotated[float, Meta(gt=0, description="Learning rate after warmup (AdamW, betas 0.9 / 0.95, no weight decay).")] = 1e-3
+    warmup_steps: Annotated[int, Meta(ge=0, description="Linear warmup from 0 to lr.")] = 50
+    batch_size: Annotated[int, Meta(ge=1, description="Sequences per step.")] = 32
+    min_len: Annotated[int, Meta(ge=2, description="Shortest random sequence (each is written twice).")] = 8
+    max_len: Annotated[int, Meta(ge=2, description="Longest random sequence.")] = 40
+
+    def __post_init__(self) -> None:
+        if self.min_len > self.max_len:
+            raise ValueError(f"train.drill.min_len ({self.min_len}) must be <= train.drill.max_len ({self.max_len})")
+
+
 class TrainConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """What `torchrun -m sailor_engine.train` runs and where it writes."""
 
@@ -86,5 +101,6 @@ class TrainConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     tensorboard: Annotated[bool, Meta(description="Also write TensorBoard events to out_dir/tb.")] = False
     plots: Annotated[bool, Meta(description="Write PNG plots of the metric curves at the end.")] = True
 
+    drill: Annotated[DrillConfig, Meta(description="Copy drills before RFT from a random init (the demo).")] = DrillConfig()
     rft: Annotated[RFTConfig, Meta(description="The RFT cold start.")] = RFTConfig()
     rl: Annotated[RLConfig, Meta(description="The RL loop.")] = RLConfig()
