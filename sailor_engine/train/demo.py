@@ -1,18 +1,20 @@
 """`sailor-engine demo`: the whole WebSailor pipeline on the embedded synthetic world, on the CPU.
 
-    sailor-engine demo                          # ~10 minutes on 2 cores; writes runs/demo
+    sailor-engine demo                          # ~13 minutes on 2 cores; writes runs/demo
     sailor-engine demo --set train.rl.steps=4   # any field of the config
 
 1. synth: knowledge graph -> verified, obfuscated 1- and 2-hop questions -> offline web (pages + BM25
-   index) -> tokenizer -> expert ReAct trajectories for 70% of the training questions (split by
+   index) -> tokenizer -> expert ReAct trajectories for 75% of the training questions (split by
    answer entity: the RL pool's answers are ones RFT never saw; held-out answers neither).
 2. eval of the untrained model (greedy pass@1): the floor.
-3. RFT (train_rft, the trainer a torchrun job runs): packed varlen micro-batches, fused log-prob,
+3. copy drills (train/drills.py, train.drill): the in-context copying a pretrained LLM brings to the
+   papers' cold start, which a from-scratch model lacks and trajectories alone do not teach in minutes.
+4. RFT (train_rft, the trainer a torchrun job runs): packed varlen micro-batches, fused log-prob,
    tool responses masked; then greedy and sampled pass@1 on the held-out tasks.
-4. RL (train_rl): colocated rollouts on the trainer's own weights, real search / visit on the uvloop
+5. RL (train_rl): colocated rollouts on the trainer's own weights, real search / visit on the uvloop
    tool runner, rewards, DUPO batches, mini-batch updates through the fused policy loss; then the
    same evals.
-5. A table: untrained vs RFT vs RL pass@1 with the number of tasks and 95% intervals, by hops, the
+6. A table: untrained vs RFT vs RL pass@1 with the number of tasks and 95% intervals, by hops, the
    paired RL - RFT differences, and where the plots and metrics are.
 
 Every stage is the trainer's own code with a small config (DEMO_OVERRIDES, then the user's --config
@@ -33,32 +35,35 @@ from rich.console import Console
 from rich.table import Table
 
 from sailor_engine.config import Config, load_config
-from sailor_engine.model import Tokenizer
+from sailor_engine.model import Tokenizer, save_hf
+from sailor_engine.model.tokenizer import SPECIAL_TOKENS
 from sailor_engine.rollout.format import ChatTemplate
 from sailor_engine.synth.pipeline import load_world, summary, synthesize, write_world
+from sailor_engine.train.drills import copy_accuracy, copy_drills
 from sailor_engine.train.eval import EvalResult, Estimate, evaluate, load_policy, paired_difference
 from sailor_engine.train.rft import train_rft
 from sailor_engine.train.rl import train_rl
 from sailor_engine.train.setup import build_model, init_runtime
 
-# The embedded world, model and schedules: sized for 2 CPU cores and ~10 minutes (README: numbers).
+# The embedded world, model and schedules: sized for 2 CPU cores and ~13 minutes (README: numbers).
 DEMO_OVERRIDES = (
-    # world: 1- and 2-hop questions over a few hundred entities; short search snippets
-    "synth.num_entities=400", "synth.num_questions=2000", "synth.test_fraction=0.3", "synth.max_hops=2",
-    "synth.level_mix=[0.5,0.5,0.0]", "synth.vocab_size=2048", "synth.search_top_k=2", "synth.snippet_chars=40",
-    "synth.expert_max_tokens=2048", "synth.expert_fraction=0.7",
+    # world: 1- and 2-hop questions whose path is forced (no choice an imitating agent cannot make from
+    # what it has read), 3000 entities; expert trajectories for 75% of the training answers
+    "synth.num_entities=3000", "synth.num_questions=20000", "synth.forced_paths=true", "synth.test_fraction=0.2",
+    "synth.max_hops=2", "synth.level_mix=[0.5,0.5,0.0]", "synth.vocab_size=2048", "synth.search_top_k=2",
+    "synth.snippet_chars=40", "synth.expert_max_tokens=2048", "synth.expert_fraction=0.75",
     # a ~0.9M-parameter Qwen2-style decoder with tied embeddings (copying names needs them at this size)
     "model.family=qwen2", "model.qkv_bias=true", "model.hidden_size=128", "model.intermediate_size=352",
     "model.num_layers=4", "model.num_heads=4", "model.num_kv_heads=2", "model.max_position_embeddings=2048",
     "rollout.max_new_tokens=96", "rollout.max_turns=8", "rollout.max_context=2048", "rollout.max_batch=128",
-    # RFT: a from-scratch model wants a far larger lr than the paper's 5e-6
-    "train.out_dir=runs/demo", "train.dtype=float32", "train.micro_batch_tokens=16384", "train.checkpoint_every=50",
-    "train.rft.lr=3e-3", "train.rft.batch_size=32", "train.rft.epochs=100", "train.rft.max_steps=300",
-    "train.rft.warmup_steps=10",
+    # copy drills, then RFT: a from-scratch model wants a far larger lr than the paper's 5e-6
+    "train.out_dir=runs/demo", "train.dtype=float32", "train.micro_batch_tokens=16384", "train.checkpoint_every=100",
+    "train.drill.steps=1300", "train.rft.lr=3e-3", "train.rft.batch_size=16", "train.rft.epochs=100",
+    "train.rft.max_steps=600", "train.rft.warmup_steps=10",
     # RL: DUPO (V1) on the questions RFT never saw; no pre-filter pass (the pool is curated as it goes)
     "algo.preset=dupo", "algo.group_size=8", "algo.updates_per_batch=2", "algo.prefilter=none",
-    "train.rl.lr=2e-4", "train.rl.questions_per_step=16", "train.rl.steps=12", "train.rl.exclude_expert_tasks=true",
-    "train.eval_tasks=300", "train.eval_samples=2",
+    "train.rl.lr=5e-5", "train.rl.questions_per_step=16", "train.rl.steps=20", "train.rl.exclude_expert_tasks=true",
+    "train.eval_tasks=800", "train.eval_samples=1",
 )
 
 UNTRAINED_TASKS = 100  # held-out tasks the untrained model is evaluated on (the first of the RFT / RL ones)
@@ -121,17 +126,22 @@ def run_demo(cfg: Config, console: Console | None = None) -> DemoResult:
     # The floor: an untrained model rambles to the turn limit, so a few tasks bound it tightly enough.
     run_evals("untrained", build_model(cfg, tpl.tok.vocab_size, rt), 0, UNTRAINED_TASKS)
 
-    con.rule("3. RFT on expert trajectories (tool responses masked)")
-    rft_cfg = _phase(cfg, "rft", out / "rft")
+    base = None
+    if cfg.train.drill.steps:
+        con.rule("3. copy drills (what a pretrained LLM brings to the cold start)")
+        base = _base_model(cfg, out / "base", tpl.tok.vocab_size, rt, con, stamp)
+
+    con.rule("4. RFT on expert trajectories (tool responses masked)")
+    rft_cfg = _phase(cfg, "rft", out / "rft", **({"init_from": str(base)} if base else {}))
     train_rft(rft_cfg, rt)
     run_evals("rft", load_policy(out / "rft" / "hf"), cfg.train.eval_samples)
 
-    con.rule("4. RL (DUPO) on questions RFT never saw")
+    con.rule("5. RL (DUPO) on questions RFT never saw")
     rl_cfg = _phase(cfg, "rl", out / "rl", init_from=str(out / "rft" / "hf"))
     train_rl(rl_cfg, rt)
     run_evals("rl", load_policy(out / "rl" / "hf"), cfg.train.eval_samples)
 
-    con.rule("5. held-out pass@1")
+    con.rule("6. held-out pass@1")
     diffs = {m: paired_difference(evals["rl"][m], evals["rft"][m]) for m in evals["rl"]}
     wall = time.perf_counter() - t0
     _table(con, evals, diffs)
@@ -142,6 +152,31 @@ def run_demo(cfg: Config, console: Console | None = None) -> DemoResult:
               f"every task's outcome: {out}/eval/; summary: {out}/demo.json")
     con.print(f"done in {wall / 60:.1f} min")
     return DemoResult(evals, diffs, wall)
+
+
+def _base_model(cfg: Config, out: Path, vocab_size: int, rt, con: Console, stamp) -> Path:
+    """Copy drills on the random init (train.drill); the HF directory RFT starts from (kept: a rerun reuses it)."""
+    hf = out / "hf"
+    if (hf / "config.json").is_file():
+        return hf
+    model = build_model(cfg, vocab_size, rt)
+    probe = dict(first_token=len(SPECIAL_TOKENS), vocab_size=vocab_size, seed=cfg.train.seed + 1)
+    before = copy_accuracy(model, **probe)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "metrics.jsonl", "w") as f:
+        def log(row: dict) -> None:
+            f.write(json.dumps(row) + "\n")
+            if row["step"] % 100 == 0 or row["step"] == cfg.train.drill.steps:
+                con.print(f"drill {row['step']}/{cfg.train.drill.steps}  loss {row['loss']:.3f}  "
+                          f"copy accuracy {100 * row['copy_accuracy']:.0f}%  {stamp()}")
+        copy_drills(model, cfg.train.drill, first_token=probe["first_token"], vocab_size=vocab_size,
+                    seed=cfg.train.seed, log=log)
+    con.print(f"copy drills: copying a just-read random sequence {100 * before:.1f}% -> "
+              f"{100 * copy_accuracy(model, **probe):.1f}% (fresh sequences)")
+    tmp = out / "hf.tmp"
+    save_hf(model, tmp)
+    tmp.rename(hf)
+    return hf
 
 
 def _table(con: Console, evals: dict[str, dict[str, EvalResult]], diffs: dict[str, Estimate]) -> None:

@@ -23,7 +23,7 @@ TINY = (
     "synth.expert_min_tool_calls=1", "synth.expert_max_tokens=1600",
     "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=1", "model.num_heads=2",
     "model.num_kv_heads=1", "rollout.max_new_tokens=24", "rollout.max_turns=3", "rollout.max_batch=64",
-    "train.rft.max_steps=3", "train.rft.batch_size=4", "train.checkpoint_every=0", "train.micro_batch_tokens=4096",
+    "train.drill.steps=3", "train.rft.max_steps=3", "train.rft.batch_size=4", "train.checkpoint_every=0", "train.micro_batch_tokens=4096",
     "train.rl.steps=2", "train.rl.questions_per_step=2", "algo.group_size=2", "algo.zero_variance=reward_std",
     "train.eval_tasks=6", "train.eval_samples=2",
 )
@@ -44,6 +44,8 @@ def test_every_stage_ran_through_the_trainer(demo):
     out, cfg, res = demo
     rft, rl = _rows(out / "rft" / "metrics.jsonl"), _rows(out / "rl" / "metrics.jsonl")
     assert [r["step"] for r in rft] == [1, 2, 3] and [r["step"] for r in rl] == [1, 2]
+    drills = _rows(out / "base" / "metrics.jsonl")
+    assert [r["step"] for r in drills] == [1, 2, 3] and (out / "base" / "hf" / "config.json").is_file()
     assert all(r["episodes"] == 4 for r in rl)  # questions_per_step x G
     for phase in ("rft", "rl"):
         assert (out / phase / "hf" / "config.json").is_file()
@@ -81,7 +83,8 @@ def test_evals_and_paired_differences(demo):
 
 def test_a_rerun_resumes_every_stage(demo, capsys):
     out, cfg, res = demo
-    ckpts = lambda: {p: p.stat().st_mtime_ns for p in out.glob("*/checkpoints/*/*")}  # noqa: E731
+    ckpts = lambda: {p: p.stat().st_mtime_ns  # noqa: E731
+                     for p in [*out.glob("*/checkpoints/*/*"), *out.glob("base/hf/*")]}
     before = ckpts()
     again = run_demo(cfg)
     assert before and ckpts() == before
