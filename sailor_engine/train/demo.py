@@ -20,7 +20,8 @@
 Every stage is the trainer's own code with a small config (DEMO_OVERRIDES, then the user's --config
 and --set); the run directory holds what a cluster run writes: metrics.jsonl, checkpoints, HF
 exports, plots, and eval/*.json with every task's outcome. Rerunning resumes: a finished stage
-loads its final checkpoint instead of training again.
+loads its final checkpoint instead of training again. The config is recorded in demo.config.json;
+a directory made with another config (or not by the demo) is refused, never mixed into.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import msgspec
 from rich.console import Console
 from rich.table import Table
 
-from sailor_engine.config import Config, load_config
+from sailor_engine.config import Config, ConfigError, load_config
 from sailor_engine.model import Tokenizer, save_hf
 from sailor_engine.model.tokenizer import SPECIAL_TOKENS
 from sailor_engine.rollout.format import ChatTemplate
@@ -91,6 +92,7 @@ def run_demo(cfg: Config, console: Console | None = None) -> DemoResult:
     t0 = time.perf_counter()
     out = Path(cfg.train.out_dir)
     data = out / "data"
+    _claim(out, cfg)
     stamp = lambda: f"[dim]({time.perf_counter() - t0:.0f}s)[/dim]"  # noqa: E731
 
     con.rule("1. synthesis")
@@ -152,6 +154,24 @@ def run_demo(cfg: Config, console: Console | None = None) -> DemoResult:
               f"every task's outcome: {out}/eval/; summary: {out}/demo.json")
     con.print(f"done in {wall / 60:.1f} min")
     return DemoResult(evals, diffs, wall)
+
+
+def _claim(out: Path, cfg: Config) -> None:
+    """Record the config in out/demo.config.json, or refuse a directory a demo with another config made
+    (resuming its stages would mix two runs: another world, other checkpoints)."""
+    path, mine = out / "demo.config.json", msgspec.json.format(msgspec.json.encode(cfg), indent=1)
+    if path.is_file():
+        if path.read_bytes() != mine:
+            raise ConfigError(f"{out}: holds a demo run made with another config ({path}); remove the directory "
+                              f"or pass --set train.out_dir=<new dir>")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    if any(out.iterdir()):
+        raise ConfigError(f"{out}: not empty and not a demo run directory (no {path.name}); remove it or pass "
+                          f"--set train.out_dir=<new dir>")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(mine)
+    tmp.rename(path)
 
 
 def _base_model(cfg: Config, out: Path, vocab_size: int, rt, con: Console, stamp) -> Path:

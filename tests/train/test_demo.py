@@ -14,6 +14,7 @@ import json
 
 import pytest
 
+from sailor_engine.config import ConfigError
 from sailor_engine.synth.pipeline import load_world
 from sailor_engine.train.demo import demo_config, run_demo
 from sailor_engine.train.eval import EvalResult, paired_difference
@@ -89,3 +90,15 @@ def test_a_rerun_resumes_every_stage(demo, capsys):
     again = run_demo(cfg)
     assert before and ckpts() == before
     assert again.diffs == res.diffs
+
+
+def test_a_directory_of_another_run_is_refused(demo, tmp_path):
+    out, cfg, _ = demo
+    other = demo_config(None, TINY + (f"train.out_dir={out}", "train.rl.steps=3"))
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(ConfigError, match="another config"):
+        run_demo(other)
+    (tmp_path / "x").write_text("not a demo")
+    with pytest.raises(ConfigError, match="not a demo run directory"):
+        run_demo(demo_config(None, TINY + (f"train.out_dir={tmp_path}",)))
+    assert sorted(p.name for p in out.iterdir()) == before and [p.name for p in tmp_path.iterdir()] == ["x"]
