@@ -384,15 +384,23 @@ def _world(cfg: Config):
 
 
 def rl_tasks(world, cfg: Config) -> list:
-    """The tasks the RL pool indexes: tasks.train.jsonl, without the expert trajectories' tasks under
-    train.rl.exclude_expert_tasks (RL on questions RFT memorised teaches little; see synth.expert_fraction)."""
-    if not cfg.train.rl.exclude_expert_tasks:
-        return world.train
-    seen = {e.task_id for e in world.experts}
-    tasks = [t for t in world.train if t.id not in seen]
-    if not tasks:
-        raise ConfigError(f"train.rl.exclude_expert_tasks: every one of the {len(world.train)} training tasks of "
-                          f"train.data_dir has an expert trajectory; synthesize with synth.expert_fraction < 1")
+    """The tasks the RL pool indexes, in file order: tasks.train.jsonl, without the expert trajectories'
+    tasks under train.rl.exclude_expert_tasks (RL on questions RFT memorised teaches little; see
+    synth.expert_fraction), then cut to equal counts per hop count under train.rl.balance_hops."""
+    tasks = world.train
+    if cfg.train.rl.exclude_expert_tasks:
+        seen = {e.task_id for e in world.experts}
+        tasks = [t for t in tasks if t.id not in seen]
+        if not tasks:
+            raise ConfigError(f"train.rl.exclude_expert_tasks: every one of the {len(world.train)} training tasks "
+                              f"of train.data_dir has an expert trajectory; synthesize with synth.expert_fraction < 1")
+    if cfg.train.rl.balance_hops:
+        by_hops: dict[int, list] = {}
+        for t in tasks:
+            by_hops.setdefault(t.hops, []).append(t)
+        n = min(map(len, by_hops.values()))
+        keep = {t.id for group in by_hops.values() for t in group[:n]}
+        tasks = [t for t in tasks if t.id in keep]
     return tasks
 
 

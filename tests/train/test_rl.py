@@ -177,3 +177,23 @@ def test_exclude_expert_tasks(world, capsys):
     The positive case (synth.expert_fraction < 1) is tests/train/test_demo.py's."""
     assert main(rl_args(world, world / "excl", "train.rl.exclude_expert_tasks=true")) == 2
     assert "synth.expert_fraction < 1" in capsys.readouterr().err
+
+
+def test_balance_hops_keeps_the_first_tasks_of_each_hop_count_in_file_order():
+    from types import SimpleNamespace
+
+    from sailor_engine.config import load_config
+    from sailor_engine.train.rl import rl_tasks
+
+    hops = [1, 1, 2, 1, 3, 1, 2, 1, 3, 2, 1, 3]
+    train = [SimpleNamespace(id=f"q{k}", hops=h) for k, h in enumerate(hops)]
+    experts = [SimpleNamespace(task_id="q0"), SimpleNamespace(task_id="q4")]
+    world = SimpleNamespace(train=train, experts=experts)
+    cfg = load_config(None, ["train.rl.balance_hops=true"])
+    ids = [t.id for t in rl_tasks(world, cfg)]
+    # 1-hop q0 q1 q3 q5 q7 q10, 2-hop q2 q6 q9, 3-hop q4 q8 q11 -> the first three of each
+    assert ids == ["q0", "q1", "q2", "q3", "q4", "q6", "q8", "q9", "q11"]
+    excl = load_config(None, ["train.rl.balance_hops=true", "train.rl.exclude_expert_tasks=true"])
+    # without q0 / q4: 1-hop q1 q3 q5 q7 q10, 2-hop q2 q6 q9, 3-hop q8 q11 -> two of each
+    assert [t.id for t in rl_tasks(world, excl)] == ["q1", "q2", "q3", "q6", "q8", "q11"]
+    assert [t.id for t in rl_tasks(world, load_config(None, []))] == [t.id for t in train]
