@@ -64,6 +64,7 @@ DEMO_OVERRIDES = (
     # RL: DUPO (V1) on the questions RFT never saw; no pre-filter pass (the pool is curated as it goes)
     "algo.preset=dupo", "algo.group_size=8", "algo.updates_per_batch=2", "algo.prefilter=none",
     "train.rl.lr=5e-5", "train.rl.questions_per_step=16", "train.rl.steps=20", "train.rl.exclude_expert_tasks=true",
+    "train.rl.balance_hops=true",
     "train.eval_tasks=800", "train.eval_samples=1",
 )
 
