@@ -61,7 +61,7 @@ DEMO_OVERRIDES = (
     "train.out_dir=runs/demo", "train.dtype=float32", "train.micro_batch_tokens=16384", "train.checkpoint_every=100",
     "train.drill.steps=1300", "train.rft.lr=3e-3", "train.rft.batch_size=16", "train.rft.epochs=100",
     "train.rft.max_steps=600", "train.rft.warmup_steps=10",
-    # RL: DUPO (V1) on the questions RFT never saw; no pre-filter pass (the pool is curated as it goes)
+    # RL: DUPO (V1) on a hop-balanced pool of questions RFT never saw; no pre-filter pass (curated as it goes)
     "algo.preset=dupo", "algo.group_size=8", "algo.updates_per_batch=2", "algo.prefilter=none",
     "train.rl.lr=5e-5", "train.rl.questions_per_step=16", "train.rl.steps=20", "train.rl.exclude_expert_tasks=true",
     "train.rl.balance_hops=true",
