@@ -3,7 +3,7 @@
     sailor-engine info                      versions, CUDA devices, Triton mode, attention backends
     sailor-engine config [--fields]         the resolved config (or every field: type, default, meaning)
     sailor-engine synth --out DIR           tasks, offline web and tokenizer from a knowledge graph
-    sailor-engine demo                      synth -> RFT -> RL -> eval on the embedded world, on the CPU
+    sailor-engine demo                      synth -> drills -> RFT -> RL -> eval on the embedded world, on the CPU
     sailor-engine rft | rl                  training (= python -m sailor_engine.train; torchrun for more ranks)
     sailor-engine eval --model DIR          pass@1 on the held-out tasks, by level and hops, with 95% intervals
     sailor-engine export CKPT --out DIR     a training checkpoint (any tp layout) -> one HF directory
@@ -179,18 +179,20 @@ def evaluate(args: argparse.Namespace) -> None:
 
 # --- rft / export -------------------------------------------------------------------------------------
 
-def rft(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace, mode: str) -> int:
+    """python -m sailor_engine.train with this command's --config / --set, in train.mode `mode`."""
     from sailor_engine.train.__main__ import main as train_main
 
     argv = (["--config", args.config] if args.config else []) + [a for s in args.set for a in ("--set", s)]
-    return train_main(argv + ["--set", "train.mode=rft"])
+    return train_main(argv + ["--set", f"train.mode={mode}"])
+
+
+def rft(args: argparse.Namespace) -> int:
+    return _train(args, "rft")
 
 
 def rl(args: argparse.Namespace) -> int:
-    from sailor_engine.train.__main__ import main as train_main
-
-    argv = (["--config", args.config] if args.config else []) + [a for s in args.set for a in ("--set", s)]
-    return train_main(argv + ["--set", "train.mode=rl"])
+    return _train(args, "rl")
 
 
 def export(args: argparse.Namespace) -> None:
@@ -212,7 +214,7 @@ COMMANDS = (
         arg("--out", type=Path, required=True, metavar="DIR", help="output directory"),
         arg("--seed", type=int, help="overrides synth.seed"),
     )),
-    Command("demo", demo, "synth -> RFT -> RL -> held-out eval on the embedded synthetic world (CPU, ~10 min)",
+    Command("demo", demo, "synth -> drills -> RFT -> RL -> held-out eval on the embedded synthetic world (CPU, ~13 min)",
             config=True),
     Command("eval", evaluate, "pass@1 of a model (HF directory or checkpoint) on the held-out tasks of train.data_dir",
             config=True, args=(

@@ -361,10 +361,11 @@ class OneTokenAttention:
 
     slots: (S,) distinct rows; start: (S,) the new token's position, so keys 0..start are visible.
     The keys are read as views of the cache rows [lo, hi) spanning the slots (rows of the span not in
-    the call attend to key 0 only and are dropped), or copied out when the slots are sparse in it. The g = heads / kv_heads query heads sharing a kv
-    head become g query *rows* of that kv head, so each cached key is read once, not once per query
-    head, and the whole step is three batched ops over the (R * kv_heads) rows: scores = q K^T / sqrt(d)
-    + bias (0, or -inf past a row's length), fp32 softmax, @ V. On CPU this beats SDPA's flash kernel,
+    the call attend to key 0 only and are dropped), or copied out when the slots are sparse in it.
+    The g = heads / kv_heads query heads sharing a kv head become g query *rows* of that kv head, so
+    each cached key is read once, not once per query head, and the whole step is three batched ops
+    over the (R * kv_heads) rows: scores = q K^T / sqrt(d) + bias (0, or -inf past a row's length),
+    fp32 softmax, @ V. On CPU this beats SDPA's flash kernel,
     whose per-block overhead dominates with g <= 8 queries; the sums agree to rounding.
     """
 
