@@ -50,6 +50,7 @@ parallel.data_parallel=ddp); a judge, KL and entropy terms.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -357,13 +358,15 @@ class _RLLog(_Log):
 # -- checkpoints -------------------------------------------------------------------------------
 
 
-def _run_key(cfg: Config) -> dict:
-    """What a checkpoint must share with this run to be resumed by it (what draws and seeds depend on)."""
+def _run_key(cfg: Config, pool_tasks: list) -> dict:
+    """What a checkpoint must share with this run to be resumed by it (what draws and seeds depend on).
+    The pool's task ids enter as a digest: the pool state holds indices into them, so any setting that
+    picks the tasks (train.rl.exclude_expert_tasks, balance_hops, another data_dir) must agree."""
     a = cfg.algo
+    ids = hashlib.blake2b("\n".join(t.id for t in pool_tasks).encode(), digest_size=16).hexdigest()
     return {"mode": "rl", "seed": cfg.train.seed, "questions_per_step": cfg.train.rl.questions_per_step,
             "group_size": a.group_size, "prefilter": a.prefilter, "pool_refresh": cfg.train.rl.pool_refresh,
-            "dynamic_sampling": a.dynamic_sampling, "episodes_per_step": episodes_per_step(cfg),
-            "exclude_expert_tasks": cfg.train.rl.exclude_expert_tasks}
+            "dynamic_sampling": a.dynamic_sampling, "episodes_per_step": episodes_per_step(cfg), "pool_tasks": ids}
 
 
 def _restore_pool(cfg: Config, step: int) -> QuestionPool:
@@ -438,14 +441,15 @@ def train_rl(cfg: Config, rt: Runtime) -> list[dict]:
     opt = build_optimizer(net.parameters(), cfg)
     for g in opt.param_groups:
         g["weight_decay"] = t.rl.weight_decay
-    start = resume_latest(model, net, opt, cfg, rt, _run_key(cfg), "is not a checkpoint of this RL run",
+    key = _run_key(cfg, pool_tasks)
+    start = resume_latest(model, net, opt, cfg, rt, key, "is not a checkpoint of this RL run",
                           "another train.out_dir (train.init_from for an RFT checkpoint)") if t.resume else fresh_start(cfg)
     log = _RLLog(Path(t.out_dir) / "metrics.jsonl", start, rt.rank == 0, cfg)
     history, saved, t0 = [], start if start > 0 else None, time.perf_counter()
     guard = NonFiniteGuard(t.max_nonfinite_steps, _ckpt_root(cfg) / f"step-{start:08d}" if start > 0 else None)
     pool = _restore_pool(cfg, start) if start > 0 else QuestionPool(t.rl.pool_size or len(pool_tasks))
     last = t.rl.steps  # the final step: earlier if the pool runs out
-    save = lambda step: save_step(model, net, opt, cfg, rt, step, {**_run_key(cfg), "pool": pool.state()})  # noqa: E731
+    save = lambda step: save_step(model, net, opt, cfg, rt, step, {**key, "pool": pool.state()})  # noqa: E731
     limits = ToolLimits(timeout_s=cfg.rollout.tool_timeout_s)
     tools = {"search": SearchTool(world.web), "visit": VisitTool(world.web)}
     with ToolRunner([tools[n] for n in cfg.rollout.tools], limits=limits,

@@ -220,6 +220,14 @@ def test_resume_with_the_pool_equals_the_uninterrupted_run(world, fake, tmp_path
     assert pool_at(resumed, 5) == pool_at(full, 5)
 
 
+def test_a_run_over_another_pool_is_not_resumed(world, fake, tmp_path, capsys):
+    out = tmp_path / "pool"
+    assert run(world, out, "train.rl.steps=1") == 0
+    assert run(world, out, "train.rl.steps=2", "train.rl.balance_hops=true") == 2  # other tasks under the same ids
+    assert "is not a checkpoint of this RL run" in capsys.readouterr().err
+    assert [r["step"] for r in rows(out)] == [1]
+
+
 def test_a_pool_that_runs_dry_stops_the_run_cleanly(world, fake, tmp_path, capsys):
     out = tmp_path / "dry"
     assert run(world, out, "algo.prefilter=solved_or_failed", "train.rl.pool_size=12") == 0
