@@ -43,7 +43,7 @@ FIGURES: tuple[tuple[str, str], ...] = (
     ("dupo", r"^dupo_"),
     ("reward", r"^(reward|accuracy|format_ok|pass@)"),
     ("policy", r"clip_frac|ratio_|logp_mismatch|^kl|entropy"),
-    ("episodes", r"^(turns|tool_|format_errors$|episodes$|answered$|max_turns$|max_context$)"),
+    ("episodes", r"^(turns|tool_|response_|format_errors$|episodes$|answered$|max_turns$|max_context$)"),
     ("loss", r"^(loss|losses|grad_norms?|lr)$"),
     ("tokens", r"tokens$"),
 )

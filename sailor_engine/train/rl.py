@@ -45,12 +45,17 @@ when its tool call is done). So with tp > 1 tool calls complete before submit re
 tool latency behind decoding.
 
 Not wired (refused by name): pp > 1; FSDP2 (the generator runs the plain module: use
-parallel.data_parallel=ddp); a judge, KL and entropy terms.
+parallel.data_parallel=ddp); an entropy bonus (the kernel's entropy is a detached metric).
+With algo.judge the answer verdicts where exact match fails come from an LLM endpoint (`score_rollouts`).
+With algo.kl_coef > 0 the loss is penalised by the KL to the policy RL started from
+(`reference_stage`: a second, frozen copy of the weights, one more forward per micro-batch).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,10 +70,11 @@ from sailor_engine.kernels.logprob import fused_linear_logprob
 from sailor_engine.model import Tokenizer
 from sailor_engine.parallel.checkpoint import read_manifest
 from sailor_engine.parallel.data import grad_sync, unwrap
-from sailor_engine.parallel.pipeline import MicroBatch
+from sailor_engine.parallel.pipeline import MicroBatch, PipelineStage, stage_layers
 from sailor_engine.rl.dupo import DynamicSampler, GroupBatch, RLBatch, build_batch, finalize
-from sailor_engine.rl.loss import global_norm, rl_loss
-from sailor_engine.rl.rewards import RewardBatch, score_batch
+from sailor_engine.rl.loss import global_norm, kl_penalty, rl_loss
+from sailor_engine.rl.judge import HttpJudge
+from sailor_engine.rl.rewards import RewardBatch, score_batch, score_batch_async
 from sailor_engine.rollout.agent import AgentLoop, Trajectory
 from sailor_engine.rollout.format import ChatTemplate
 from sailor_engine.rollout.generator import Generator, SamplingParams
@@ -94,8 +100,9 @@ def check_rl_config(cfg: Config, rt: Runtime, num_tasks: int) -> None:
     if rt.dp > 1 and p.data_parallel != "ddp":
         raise ConfigError(f"parallel.data_parallel = {p.data_parallel!r}: the RL generator runs the plain module, "
                           "which FSDP2 keeps sharded; set parallel.data_parallel=ddp")
-    refused = {"algo.judge": a.judge is not None, "algo.kl_coef": a.kl_coef > 0,
-               "algo.entropy_coef": a.entropy_coef > 0}
+    refused = {"algo.entropy_coef": a.entropy_coef > 0}
+    if a.judge is not None and a.judge.api_key_env is not None and not os.environ.get(a.judge.api_key_env):
+        raise ConfigError(f"algo.judge.api_key_env: environment variable {a.judge.api_key_env} is not set")
     for name, on in refused.items():
         if on:
             raise ConfigError(f"{name}: not wired into the RL trainer yet; turn it off")
@@ -176,9 +183,34 @@ def roll_out(model, runner: ToolRunner, tpl: ChatTemplate, system: str | None, t
         parts = [None] * rt.dp
         dist.all_gather_object(parts, local, group=rt.dp_group)
     trajs = [t for part in parts for t in part[0]]
-    answers = [[t.answer, *t.aliases] for t in tasks for _ in range(G)]
-    scored = score_batch([t.response for t in trajs], answers, cfg.algo)
+    scored = score_rollouts(trajs, [t for t in tasks for _ in range(G)], cfg, rt)
     return Rollouts(trajs, scored, max(p[1] for p in parts), max(p[2] for p in parts), max(p[3] for p in parts))
+
+
+def score_rollouts(trajs: list[Trajectory], tasks: list, cfg: Config, rt: Runtime) -> RewardBatch:
+    """Rewards of the step's trajectories (tasks[i]: the task of trajs[i]), the same on every rank.
+
+    Offline (exact match / F1) unless algo.judge is set. A judge is asked by global rank 0 alone, where
+    exact match failed on an extracted answer, and its verdicts are broadcast: every rank must build
+    the same DUPO batch, and an LLM endpoint asked twice need not answer twice alike (nor be up
+    twice). A call that fails after its retries keeps the exact-match verdict (judge_fallbacks)."""
+    texts, answers = [t.response for t in trajs], [[t.answer, *t.aliases] for t in tasks]
+    if cfg.algo.judge is None:
+        return score_batch(texts, answers, cfg.algo)
+    scored = None
+    if rt.rank == 0:
+        async def judged() -> RewardBatch:
+            async with HttpJudge(cfg.algo.judge) as judge:
+                batch = await score_batch_async(texts, answers, cfg.algo, judge=judge,
+                                                questions=[t.question for t in tasks])
+                batch.stats["judge_retries"] = judge.stats["retries"]
+                return batch
+        scored = asyncio.run(judged())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [scored]
+        dist.broadcast_object_list(box, src=0)  # our own ranks' objects (pickle between trusted peers)
+        scored = box[0]
+    return scored
 
 
 def rl_batch(ro: Rollouts, cfg: Config, step: int,
@@ -283,8 +315,15 @@ def run_prefilter(roll, pool: QuestionPool, cfg: Config) -> dict:
 # -- one update --------------------------------------------------------------------------------
 
 
-def run_update(stage, model, mini: list[tuple[Sequence, float]], cfg: Config, rt: Runtime) -> dict | None:
+def run_update(stage, model, mini: list[tuple[Sequence, float]], cfg: Config, rt: Runtime,
+               ref=None) -> dict | None:
     """Forward + backward of this rank's share of one mini-batch; returns its global stats (None: no loss token).
+
+    Stats over the loss tokens: the clip fractions, `entropy` (mean entropy of the policy at the
+    rollout temperature, from the fused kernel), `kl_old` (k3 estimate of KL(pi_old || pi_theta) on
+    the sampled tokens: how far this update's policy has moved from the sampling one) and, with a
+    reference stage `ref` (algo.kl_coef > 0: the policy at the start of RL, frozen), `kl_ref`, the
+    algo.kl_estimator KL to it that the loss is penalised with.
 
     Under bf16 (rt.compute_dtype) the forward runs under autocast, but the Generator sampled with the
     fp32 module: the first update's logp_mismatch_max is then bf16 noise, which grows with the logits
@@ -300,7 +339,8 @@ def run_update(stage, model, mini: list[tuple[Sequence, float]], cfg: Config, rt
     if norm.num_tokens == 0:
         return None
     temperature = cfg.rollout.temperature or 1.0  # greedy samples log-probs at T = 1
-    sums = torch.zeros(4, dtype=torch.float64, device=rt.device)  # loss, clipped low, clipped high, tokens
+    # loss, clipped low, clipped high, tokens, entropy, KL(sampling || current), KL to ref: sums over loss tokens
+    sums = torch.zeros(7, dtype=torch.float64, device=rt.device)
     mismatch = torch.zeros(1, dtype=torch.float64, device=rt.device)
     for i, (mb, p) in enumerate(zip(mbs, packed)):
         x = MicroBatch.packed(p.input_ids, p.cu_seqlens)
@@ -309,20 +349,32 @@ def run_update(stage, model, mini: list[tuple[Sequence, float]], cfg: Config, rt
         with grad_sync(stage, i == len(mbs) - 1):  # dp reduction once, after the last backward
             with rt.autocast():  # the forward only (setup.Runtime); log-probs and loss stay fp32
                 hidden = stage(x.input_ids, x.cu_seqlens, x.positions)
-            logp = fused_linear_logprob(*rt.head_inputs(hidden, unwrap(stage).output_weight), p.targets,
-                                        tp_group=model.tp_group, temperature=temperature)
-            loss, st = rl_loss(logp, old, a, p.loss_mask, norm, cfg.algo, seq_ids=p.seq_ids)
+            logp, ent = fused_linear_logprob(*rt.head_inputs(hidden, unwrap(stage).output_weight), p.targets,
+                                             tp_group=model.tp_group, temperature=temperature, return_entropy=True)
+            ref_logp = None
+            if ref is not None:
+                with torch.no_grad(), rt.autocast():
+                    ref_hidden = ref(x.input_ids, x.cu_seqlens, x.positions)
+                ref_logp = fused_linear_logprob(*rt.head_inputs(ref_hidden, ref.output_weight), p.targets,
+                                                tp_group=model.tp_group, temperature=temperature)
+            loss, st = rl_loss(logp, old, a, p.loss_mask, norm, cfg.algo, seq_ids=p.seq_ids, ref_logp=ref_logp)
             loss.backward()
         n = float(st["num_tokens"])
-        sums += torch.tensor([float(loss.detach()), float(st["clip_frac_low"]) * n, float(st["clip_frac_high"]) * n, n],
+        on = p.loss_mask != 0
+        # k3 of x = logp - old on tokens sampled from the old policy: an unbiased, non-negative
+        # estimate of KL(pi_old || pi_theta), ~0 at the first update (numerics), growing with the updates
+        kl = torch.where(on, kl_penalty(old, logp.detach(), "k3"), 0.0).sum()
+        sums += torch.tensor([float(loss.detach()), float(st["clip_frac_low"]) * n, float(st["clip_frac_high"]) * n, n,
+                              float((ent * on).sum()), float(kl), float(st["kl_mean"]) * n],
                              dtype=torch.float64, device=rt.device)
         diff = ((logp.detach() - old).abs() * (p.loss_mask != 0)).max() if p.loss_mask.numel() else 0.0
         mismatch = torch.maximum(mismatch, torch.as_tensor(float(diff), dtype=torch.float64, device=rt.device))
     if rt.dp_group is not None:
         dist.all_reduce(sums, group=rt.dp_group)
         dist.all_reduce(mismatch, op=dist.ReduceOp.MAX, group=rt.dp_group)
-    loss, low, high, n = sums.tolist()
+    loss, low, high, n, ent, kl, kl_ref = sums.tolist()
     return {"loss": loss, "clip_frac_low": low / n, "clip_frac_high": high / n, "loss_tokens": int(n),
+            "entropy": ent / n, "kl_old": kl / n, **({"kl_ref": kl_ref / n} if ref is not None else {}),
             "logp_mismatch_max": float(mismatch), "tokens": sum(len(s.token_ids) - 1 for s in seqs)}
 
 
@@ -340,10 +392,14 @@ def rollout_metrics(ro: Rollouts, batch: RLBatch) -> dict:
            "answered": status.count("answered"), "max_turns": status.count("max_turns"),
            "max_context": status.count("max_context"),
            "turns_mean": sum(t.turns for t in trajs) / len(trajs), "tool_calls": len(calls),
-           "tool_errors": sum(not c.ok for c in calls), "format_errors": sum(t.format_errors for t in trajs),
+           "tool_errors": sum(not c.ok for c in calls), "tool_timeouts": sum(c.error_kind == "timeout" for c in calls),
+           "tool_cache_hits": sum(c.cached for c in calls), "format_errors": sum(t.format_errors for t in trajs),
+           "response_tokens_mean": generated / len(trajs), "response_tokens_max": max(t.num_generated for t in trajs),
            "rollout_tokens": generated, "rollout_tokens_per_s": generated / max(ro.wall_s, 1e-9),
            "time_rollout": ro.wall_s, "time_decode": ro.decode_s, "time_tool_wait": ro.tool_wait_s}
     row.update({f"dupo_{k}": v for k, v in batch.stats.items()})
+    if "judge_retries" in s.stats:  # algo.judge: its calls, retries and exact-match fallbacks
+        row.update({k: v for k, v in s.stats.items() if k.startswith("judge_")})
     return row
 
 
@@ -439,6 +495,7 @@ def train_rl(cfg: Config, rt: Runtime) -> list[dict]:
     stage = wrap_model(model, cfg, rt)
     net = unwrap(stage)
     opt = build_optimizer(net.parameters(), cfg)
+    ref = reference_stage(cfg, tok.vocab_size, rt) if cfg.algo.kl_coef > 0 else None
     for g in opt.param_groups:
         g["weight_decay"] = t.rl.weight_decay
     key = _run_key(cfg, pool_tasks)
@@ -470,7 +527,7 @@ def train_rl(cfg: Config, rt: Runtime) -> list[dict]:
             retired = (pool.update(ids, ro.scored.correct.view(-1, cfg.algo.group_size), cfg.algo.prefilter)
                        if t.rl.pool_refresh else [])
             row = {"step": step + 1, **rollout_metrics(ro, batch),
-                   **_train(stage, model, net, opt, minis, step, cfg, rt, guard),
+                   **_train(stage, model, net, opt, minis, step, cfg, rt, guard, ref),
                    "questions": len(ids), "pool_active": len(pool.active), "pool_retired": len(retired)}
             if row["skipped"] is None and batch.skip_reason is not None:
                 row["skipped"] = batch.skip_reason
@@ -486,7 +543,16 @@ def train_rl(cfg: Config, rt: Runtime) -> list[dict]:
     return history
 
 
-def _train(stage, model, net, opt, minis: list, step: int, cfg: Config, rt: Runtime, guard: NonFiniteGuard) -> dict:
+def reference_stage(cfg: Config, vocab_size: int, rt: Runtime) -> PipelineStage:
+    """The frozen reference policy of algo.kl_coef: the model RL starts from (train.init_from, or the
+    seeded random init), rebuilt from its source, so a resumed run penalises against the same one.
+    A second copy of the model's weights, in eval mode (no dropout either way), without gradients."""
+    ref = build_model(cfg, vocab_size, rt).eval().requires_grad_(False)
+    return PipelineStage(ref, stage_layers(ref.cfg, 1)[0], 0, 1)
+
+
+def _train(stage, model, net, opt, minis: list, step: int, cfg: Config, rt: Runtime, guard: NonFiniteGuard,
+           ref: PipelineStage | None = None) -> dict:
     """algo.updates_per_batch optimizer steps, one per mini-batch; their metrics (lists per update, of the
     updates applied). An update with a non-finite loss or grad norm is skipped (guard); once the guard
     is exhausted the step's remaining mini-batches are left out and the caller stops the run."""
@@ -501,7 +567,7 @@ def _train(stage, model, net, opt, minis: list, step: int, cfg: Config, rt: Runt
                    min_lr_ratio=t.rl.min_lr_ratio, schedule=t.rl.schedule)
         for g in opt.param_groups:
             g["lr"] = lr
-        st = run_update(stage, model, mini, cfg, rt)
+        st = run_update(stage, model, mini, cfg, rt, ref)
         if st is None:
             opt.zero_grad(set_to_none=True)
             reasons.append(f"mini-batch {u}: no loss token (every trajectory excluded)")
@@ -530,6 +596,8 @@ def _train(stage, model, net, opt, minis: list, step: int, cfg: Config, rt: Runt
             "grad_norm": ups[-1]["grad_norm"], "grad_norms": [x["grad_norm"] for x in ups], "lr": ups[-1]["lr"],
             "loss_tokens": sum(x["loss_tokens"] for x in ups), "train_tokens": tokens,
             "clip_frac_low": [x["clip_frac_low"] for x in ups], "clip_frac_high": [x["clip_frac_high"] for x in ups],
+            "entropy": [x["entropy"] for x in ups], "kl_old": [x["kl_old"] for x in ups],
+            **({"kl_ref": [x["kl_ref"] for x in ups]} if ref is not None else {}),
             # the first update's policy is the sampling policy: any difference is numerics
             "logp_mismatch_max": ups[0]["logp_mismatch_max"] if ups[0]["update"] == 0 else None,
             "time_train": dt, "train_tokens_per_s": tokens / dt}

@@ -13,12 +13,14 @@ to 1e-5 relative. pp=2 is refused with a message naming the field.
 
 from __future__ import annotations
 
+import http.server
 import json
 import math
 import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -113,7 +115,10 @@ def test_single_process_runs_end_to_end(single):
         # policy has moved (the second update's ratios differ from 1, some are clipped somewhere).
         assert r["logp_mismatch_max"] < 1e-4, r["logp_mismatch_max"]
         assert r["clip_frac_low"][0] == r["clip_frac_high"][0] == 0.0
+        assert r["kl_old"][0] < 1e-6 and all(e > 0 for e in r["entropy"]) and "kl_ref" not in r
+        assert 0 < r["response_tokens_mean"] <= r["response_tokens_max"] and r["tool_timeouts"] == 0
     assert any(max(r["clip_frac_low"][1], r["clip_frac_high"][1]) > 0 for r in trained)
+    assert any(r["kl_old"][1] > 1e-6 for r in trained)  # the second update's policy has moved
     assert (single / "hf").is_dir() and len(list((single / "checkpoints").iterdir())) == 2
 
 
@@ -127,6 +132,53 @@ def test_resume_continues_as_the_uninterrupted_run(world, single):
     assert_same_run(metrics(out), metrics(single))
 
 
+def test_kl_penalty_to_the_starting_policy(world):
+    """algo.kl_coef: the reference is the policy RL starts from (train.init_from), so the first update's
+    KL to it is exactly 0 (the same weights through the same forward), and it grows once the policy moves."""
+    out = world / "kl"
+    assert main(rl_args(world, out, "algo.kl_coef=0.5", "train.rl.steps=1")) == 0
+    (row,) = metrics(out)
+    assert row["skipped"] is None and row["kl_ref"][0] == 0.0 and row["kl_ref"][1] > 0
+
+
+class _AlwaysCorrect(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-compatible chat-completions stub that judges every answer correct."""
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.asked.append(body["messages"][1]["content"])
+        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": "correct"}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_judge_decides_where_exact_match_fails(world, single):
+    """algo.judge: step 1 rolls out the episodes of the run without a judge (same weights and seeds);
+    the judge is asked about exactly the extracted answers exact match rejected, once each, and its
+    verdicts (here all "correct") are what the rewards count."""
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _AlwaysCorrect)
+    srv.asked = []
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    out = world / "judge"
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
+        assert main(rl_args(world, out, f"algo.judge.base_url={url}", "algo.judge.model=stub",
+                            "train.rl.steps=1")) == 0
+    finally:
+        srv.shutdown()
+    (row,), em = metrics(out), metrics(single)[0]
+    assert row["rollout_tokens"] == em["rollout_tokens"] and row["episodes"] == em["episodes"]
+    assert row["judge_calls"] == len(srv.asked) > 0 and row["judge_fallbacks"] == row["judge_retries"] == 0
+    assert row["accuracy"] * row["episodes"] == pytest.approx(em["accuracy"] * em["episodes"] + row["judge_calls"])
+    assert "judge_calls" not in em
+
+
 def test_seeds_and_shares():
     assert step_tasks(3, 21, 4, 0) == step_tasks(3, 21, 4, 0) != step_tasks(4, 21, 4, 0)
     assert len(set(step_tasks(0, 21, 21, 0))) == 21
@@ -136,8 +188,11 @@ def test_seeds_and_shares():
 
 
 def test_config_errors_exit_2(world, capsys):
-    assert main(rl_args(world, world / "bad", "algo.kl_coef=0.1")) == 2
-    assert "algo.kl_coef: not wired into the RL trainer yet" in capsys.readouterr().err
+    assert main(rl_args(world, world / "bad", "algo.entropy_coef=0.1")) == 2
+    assert "algo.entropy_coef: not wired into the RL trainer yet" in capsys.readouterr().err
+    judge = ["algo.judge.base_url=http://127.0.0.1:9/v1", "algo.judge.model=m", "algo.judge.api_key_env=SAILOR_NO_KEY"]
+    assert main(rl_args(world, world / "bad", *judge)) == 2
+    assert "algo.judge.api_key_env: environment variable SAILOR_NO_KEY is not set" in capsys.readouterr().err
     assert main(rl_args(world, world / "bad", "train.rl.questions_per_step=22")) == 2
     assert "train.rl.questions_per_step (22) is larger than the 21 training tasks" in capsys.readouterr().err
 
@@ -197,3 +252,66 @@ def test_balance_hops_keeps_the_first_tasks_of_each_hop_count_in_file_order():
     # without q0 / q4: 1-hop q1 q3 q5 q7 q10, 2-hop q2 q6 q9, 3-hop q8 q11 -> two of each
     assert [t.id for t in rl_tasks(world, excl)] == ["q1", "q2", "q3", "q6", "q8", "q11"]
     assert [t.id for t in rl_tasks(world, load_config(None, []))] == [t.id for t in train]
+
+
+@pytest.mark.parametrize("budget", [32768, 16], ids=["one-micro-batch", "micro-batches"])
+def test_update_stats_match_a_float64_reference(budget):
+    """run_update's loss, entropy, KL to the sampling policy and KL to the reference, against the same
+    quantities from float64 logits of the padded forward (an independent path: no packing, no kernel)."""
+    import copy
+
+    import torch
+
+    from sailor_engine.config import load_config
+    from sailor_engine.model import ModelConfig, Transformer
+    from sailor_engine.parallel.pipeline import PipelineStage, stage_layers
+    from sailor_engine.rl.loss import global_norm, kl_penalty, rl_loss
+    from sailor_engine.train.batching import Sequence
+    from sailor_engine.train.rl import run_update
+    from sailor_engine.train.setup import Runtime
+
+    T = 0.7
+    cfg = load_config(None, ["algo.kl_coef=0.2", f"rollout.temperature={T}", "model.max_position_embeddings=16",
+                             "synth.expert_max_tokens=16", "rollout.max_context=16",
+                             f"train.micro_batch_tokens={budget}"])
+    mcfg = ModelConfig(family="qwen2", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
+                       num_heads=2, num_kv_heads=1, qkv_bias=True)
+    models = [Transformer(mcfg).init_weights(std=0.3, generator=torch.Generator().manual_seed(k)) for k in (0, 1)]
+    stage, ref = (PipelineStage(m, stage_layers(mcfg, 1)[0], 0, 1) for m in models)
+    ref.requires_grad_(False)
+    g = torch.Generator().manual_seed(2)
+    mini = []
+    for n, adv in ((11, 1.0), (7, -0.5), (16, 0.8)):
+        ids = torch.randint(0, 97, (n,), generator=g).tolist()
+        mask = [0, 0, 0] + (torch.rand(n - 3, generator=g) < 0.7).long().tolist()
+        old = (-4 * torch.rand(n, generator=g)).tolist()  # arbitrary sampling log-probs: KL > 0, some clipping
+        mini.append((Sequence(ids, mask, old), adv))
+    rt = Runtime(groups=None, rank=0, device=torch.device("cpu"))
+    st = run_update(stage, models[0], mini, cfg, rt, ref)
+
+    @torch.no_grad()
+    def logp64(model, ids):
+        logits = copy.deepcopy(model).double()(torch.tensor([ids]))[0, :-1] / T
+        return torch.log_softmax(logits, -1)  # (n - 1, V): position i predicts token i + 1
+
+    cat = {k: [] for k in ("logp", "ref", "old", "mask", "ent", "seq")}
+    for i, (s, _) in enumerate(mini):
+        lp, lr = logp64(models[0], s.token_ids), logp64(models[1], s.token_ids)
+        tgt = torch.tensor(s.token_ids[1:])[:, None]
+        cat["logp"].append(lp.gather(1, tgt)[:, 0])
+        cat["ref"].append(lr.gather(1, tgt)[:, 0])
+        cat["ent"].append(-(lp.exp() * lp).sum(-1))
+        cat["old"].append(torch.tensor(s.logprobs[1:], dtype=torch.float64))
+        cat["mask"].append(torch.tensor(s.loss_mask[1:], dtype=torch.float64))
+        cat["seq"].append(torch.full((len(s.token_ids) - 1,), i))
+    lp, lr, old, mask, ent, seq = (torch.cat(cat[k]) for k in ("logp", "ref", "old", "mask", "ent", "seq"))
+    on = mask != 0
+    assert st["loss_tokens"] == int(on.sum())
+    assert st["entropy"] == pytest.approx(float(ent[on].mean()), rel=1e-5)
+    x = lp - old
+    assert st["kl_old"] == pytest.approx(float((x.exp() - x - 1)[on].mean()), rel=1e-5)
+    assert st["kl_ref"] == pytest.approx(float(kl_penalty(lp, lr, "k3")[on].mean()), rel=1e-5)
+    adv = torch.tensor([a for _, a in mini], dtype=torch.float64)
+    loss, _ = rl_loss(lp, old, adv, mask, global_norm([mask], [seq]), cfg.algo, seq_ids=seq, ref_logp=lr)
+    assert st["loss"] == pytest.approx(float(loss), rel=1e-5)
+    assert st["clip_frac_low"] + st["clip_frac_high"] > 0  # the clipped regimes are exercised
