@@ -22,7 +22,7 @@ from sailor_engine.train.rl import check_rl_config
 from sailor_engine.train.setup import _check_wired
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-RL_8GPU = ["train.mode=rl", "parallel.tp=4", "parallel.pp=1", "parallel.data_parallel=ddp"]
+RL_8GPU = ["train.mode=rl", "parallel.tp=4", "parallel.pp=1"]
 
 
 def test_examples_present():
@@ -60,7 +60,7 @@ def test_8gpu_layouts():
                         SimpleNamespace(pp=dims.pp, dp=dims.dp), num_tasks=1000)
     rl = load_config(EXAMPLES / "llama-8b-8gpu.yaml", RL_8GPU)
     rl_dims = ParallelDims.resolve(rl.parallel, 8)
-    assert (rl_dims.tp, rl_dims.pp, rl_dims.dp) == (4, 1, 2)
+    assert (rl_dims.tp, rl_dims.pp, rl_dims.dp) == (4, 1, 2) and rl.parallel.data_parallel == "fsdp"
     check_rl_config(rl, SimpleNamespace(pp=rl_dims.pp, dp=rl_dims.dp), num_tasks=1000)
     # Qwen2.5-7B (28 heads, 4 KV heads) fits both layouts too
     qwen_7b = ["model.hidden_size=3584", "model.num_heads=28", "model.num_kv_heads=4"]

@@ -131,6 +131,35 @@ def grad_sync(module: nn.Module, enabled: bool) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def gathered(module: nn.Module, *, layers_reshard_after_forward: bool = True) -> Iterator[None]:
+    """Inside: `module`'s parameters are whole on every dp rank, for running it outside training
+    (colocated generation). A plain or DDP module already is: nothing happens.
+
+    FSDP2: entering all-gathers every FSDP2 module's parameters (a collective: all dp ranks enter
+    together) and stops forwards from freeing them, so the forwards inside, any number, per rank,
+    communicate nothing: dp ranks may run different episodes for different times. While gathered the
+    parameters are plain tensors (FSDP2 swaps them in), so code that reads them directly works too.
+    Exiting frees them again and restores data_parallel's layout: layers reshard after forward
+    (`layers_reshard_after_forward`, False under pipeline parallelism), the root does not.
+    Costs a whole copy of the weights per rank for the duration."""
+    fsdp = [m for m in module.modules() if isinstance(m, FSDPModule)]  # the root first (pre-order)
+    if fsdp:
+        # FSDP2 makes the first module to run forward the root; a layer called alone inside (the
+        # generator's module path) must not become one. Private, and a no-op once initialised.
+        fsdp[0]._get_fsdp_state()._lazy_init()
+    for m in fsdp:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in fsdp:
+            if m is not module:
+                m.set_reshard_after_forward(layers_reshard_after_forward, recurse=False)
+            m.reshard()
+
+
 def set_grad_sync(module: nn.Module, enabled: bool) -> None:
     """Before a backward, when forward and backward are apart (1F1B's before_backward hook): FSDP2 only."""
     if isinstance(module, DistributedDataParallel):

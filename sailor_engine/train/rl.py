@@ -44,8 +44,10 @@ when its tool call is done). So with tp > 1 tool calls complete before submit re
 (`colocate.Lockstep`): the schedule is then a function of the episodes alone, at the cost of not hiding
 tool latency behind decoding.
 
-Not wired (refused by name): pp > 1; FSDP2 (the generator runs the plain module: use
-parallel.data_parallel=ddp); an entropy bonus (the kernel's entropy is a detached metric).
+Data parallelism: DDP, or FSDP2, whose parameters are gathered whole on every rank for the rollouts
+(`parallel.data.gathered`: one all-gather per step, no collective while generating) and sharded again
+for the updates. Not wired (refused by name): pp > 1; an entropy bonus (the kernel's entropy is a
+detached metric).
 With algo.judge the answer verdicts where exact match fails come from an LLM endpoint (`score_rollouts`).
 With algo.kl_coef > 0 the loss is penalised by the KL to the policy RL started from
 (`reference_stage`: a second, frozen copy of the weights, one more forward per micro-batch).
@@ -69,7 +71,7 @@ from sailor_engine.env.tools import SearchTool, VisitTool
 from sailor_engine.kernels.logprob import fused_linear_logprob
 from sailor_engine.model import Tokenizer
 from sailor_engine.parallel.checkpoint import read_manifest
-from sailor_engine.parallel.data import grad_sync, unwrap
+from sailor_engine.parallel.data import gathered, grad_sync, unwrap
 from sailor_engine.parallel.pipeline import MicroBatch, PipelineStage, stage_layers
 from sailor_engine.rl.dupo import DynamicSampler, GroupBatch, RLBatch, build_batch, finalize
 from sailor_engine.rl.loss import global_norm, kl_penalty, rl_loss
@@ -93,13 +95,10 @@ from sailor_engine.train.setup import Runtime, build_model, build_optimizer, wra
 
 def check_rl_config(cfg: Config, rt: Runtime, num_tasks: int) -> None:
     """ConfigError naming the field for anything the RL trainer cannot run."""
-    a, p = cfg.algo, cfg.parallel
+    a = cfg.algo
     if rt.pp > 1:
         raise ConfigError(f"parallel.pp = {rt.pp}: pipeline parallelism is not wired into the RL trainer "
                           "(the generator runs the whole model on every rank); set parallel.pp=1")
-    if rt.dp > 1 and p.data_parallel != "ddp":
-        raise ConfigError(f"parallel.data_parallel = {p.data_parallel!r}: the RL generator runs the plain module, "
-                          "which FSDP2 keeps sharded; set parallel.data_parallel=ddp")
     refused = {"algo.entropy_coef": a.entropy_coef > 0}
     if a.judge is not None and a.judge.api_key_env is not None and not os.environ.get(a.judge.api_key_env):
         raise ConfigError(f"algo.judge.api_key_env: environment variable {a.judge.api_key_env} is not set")
@@ -154,11 +153,13 @@ class Rollouts:
 
 
 def roll_out(model, runner: ToolRunner, tpl: ChatTemplate, system: str | None, tasks: list, step: int,
-             cfg: Config, rt: Runtime, first_episode: int = 0) -> Rollouts:
+             cfg: Config, rt: Runtime, first_episode: int = 0, stage=None) -> Rollouts:
     """This rank's block of `tasks` x algo.group_size episodes, gathered over dp and scored.
 
     Episode e of `tasks` is episode first_episode + e of the step (a later dynamic-sampling round
-    starts past the earlier rounds' episodes), seeded by episode_seed over `episodes_per_step(cfg)`."""
+    starts past the earlier rounds' episodes), seeded by episode_seed over `episodes_per_step(cfg)`.
+    `stage`: the training module around `model` (FSDP2: its parameters are gathered for the rollouts,
+    on every dp rank, also one without episodes)."""
     G, r = cfg.algo.group_size, cfg.rollout
     lo, hi = block(len(tasks), rt.dp, rt.dp_rank)
     tic = time.perf_counter()
@@ -167,16 +168,17 @@ def roll_out(model, runner: ToolRunner, tpl: ChatTemplate, system: str | None, t
     max_len = r.max_context or model.cfg.max_position_embeddings
     stats = {"decode_s": 0.0, "tool_wait_s": 0.0}
     mine: list[Trajectory] = []
-    if hi > lo:
-        gen = Generator(model, max_batch=min(r.max_batch, (hi - lo) * G), max_seq_len=max_len)
-        loop = AgentLoop(gen, Lockstep(runner) if rt.tp > 1 else runner, tpl, params=params,
-                         max_turns=r.max_turns, system=system)
-        model.eval()
-        try:
-            mine = loop.run(tasks[lo:hi], group_size=G)
-        finally:
-            model.train()
-        stats = loop.stats
+    with gathered(stage if stage is not None else model):
+        if hi > lo:
+            gen = Generator(model, max_batch=min(r.max_batch, (hi - lo) * G), max_seq_len=max_len)
+            loop = AgentLoop(gen, Lockstep(runner) if rt.tp > 1 else runner, tpl, params=params,
+                             max_turns=r.max_turns, system=system)
+            model.eval()
+            try:
+                mine = loop.run(tasks[lo:hi], group_size=G)
+            finally:
+                model.train()
+            stats = loop.stats
     local = (mine, time.perf_counter() - tic, stats["decode_s"], stats["tool_wait_s"])
     parts = [local]
     if rt.dp_group is not None:
@@ -513,7 +515,7 @@ def train_rl(cfg: Config, rt: Runtime) -> list[dict]:
                     cache_size=cfg.rollout.tool_cache_size, seed=t.seed) as runner:
         def roll(ids: list[int], step: int, first_episode: int) -> Rollouts:
             tasks = [pool_tasks[i] for i in ids]
-            return roll_out(model, runner, tpl, system, tasks, step, cfg, rt, first_episode)
+            return roll_out(model, runner, tpl, system, tasks, step, cfg, rt, first_episode, stage)
 
         if start == 0 and cfg.algo.prefilter != "none":
             _log_prefilter(log, run_prefilter(roll, pool, cfg))

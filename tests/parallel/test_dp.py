@@ -1,5 +1,6 @@
 """Data parallelism: the RFT loss's micro-batch shares sum to the full-batch loss, bad modes are refused,
-and dp=2 (DDP and FSDP2, gloo) equals one process on the concatenated batch."""
+dp=2 (DDP and FSDP2, gloo) equals one process on the concatenated batch, and FSDP2 ranks inside
+`gathered` generate independently (no collective) with the whole weights."""
 
 from pathlib import Path
 
@@ -35,3 +36,9 @@ def test_unknown_mode_is_refused_before_any_communication():
 def test_dp2_matches_single_process_on_the_concatenated_batch(run_workers):
     out = run_workers(Path(__file__).with_name("dp_worker.py"))
     assert "dp matches single process" in out, out
+
+
+@pytest.mark.dist
+def test_gathered_fsdp_ranks_generate_independently(run_workers):
+    out = run_workers(Path(__file__).with_name("gathered_worker.py"))
+    assert "gathered ok" in out, out

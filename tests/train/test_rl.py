@@ -5,10 +5,11 @@ decoder that memorises the expert trajectories; the RL tasks are those experts' 
 sampled episodes are well-formed and correct and others not: groups carry signal). Single process:
 two RL steps run end to end and write sane metrics (sampling and training log-probs agree at the
 first update, every counter adds up), and a run resumed from a checkpoint writes the uninterrupted
-run's metrics. Under torchrun (gloo) dp=2 (DDP) and tp=2 reproduce the single-process run's first
-step: the same trajectories (rewards, DUPO counts, tokens exactly; the CPU generator is batch-invariant,
-so a trajectory does not depend on the rank or batch that produced it) and losses and gradient norms
-to 1e-5 relative. pp=2 is refused with a message naming the field.
+run's metrics. Under torchrun (gloo) dp=2 (DDP, and FSDP2 gathered for the rollouts) and tp=2
+reproduce the single-process run's first step: the same trajectories (rewards, DUPO counts, tokens
+exactly; the CPU generator is batch-invariant, so a trajectory does not depend on the rank or batch
+that produced it) and losses and gradient norms to 1e-5 relative. pp=2 is refused with a message
+naming the field.
 """
 
 from __future__ import annotations
@@ -205,7 +206,8 @@ def torchrun(world: Path, out: Path, *overrides: str, nproc: int = 2) -> subproc
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("layout", ["parallel.data_parallel=ddp", "parallel.tp=2"], ids=["dp2-ddp", "tp2"])
+@pytest.mark.parametrize("layout", ["parallel.data_parallel=ddp", "parallel.data_parallel=fsdp", "parallel.tp=2"],
+                         ids=["dp2-ddp", "dp2-fsdp", "tp2"])
 def test_several_processes_match_the_single_process_run(world, single, layout):
     out = world / f"dist-{layout}"
     proc = torchrun(world, out, layout)
