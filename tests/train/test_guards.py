@@ -232,9 +232,9 @@ class InjectRL:
         self.faults, self.starts = faults, []
         real = rl.run_update
 
-        def run_update(stage, model, mini, cfg, rt):
+        def run_update(stage, model, mini, cfg, rt, ref=None):
             self.starts.append(snapshot(unwrap(stage), opt))
-            st = real(stage, model, mini, cfg, rt)
+            st = real(stage, model, mini, cfg, rt, ref)
             fault = self.faults.get(len(self.starts))
             if fault == "grad":
                 poison_grad(stage)

@@ -105,7 +105,7 @@ class FakeRollOut:
         self.index = {t.id: i for i, t in enumerate(tasks)}
         self.vocab, self.records = vocab, []
 
-    def __call__(self, model, runner, tpl, system, tasks, step, cfg, rt, first_episode=0) -> Rollouts:
+    def __call__(self, model, runner, tpl, system, tasks, step, cfg, rt, first_episode=0, stage=None) -> Rollouts:
         rnd = first_episode // (Q * G)
         trajs, correct = [], []
         for t in tasks:
