@@ -137,18 +137,19 @@ def _logprob_fwd_kernel(
     tl.store(base + 3 * N, zt, mask=row_mask)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["H", "V", "HAS_BIAS"])
+@triton.autotune(configs=_BWD_CONFIGS, key=["H", "V", "HAS_BIAS", "HAS_ENT"])
 @triton.jit
 def _logprob_bwd_kernel(
     h_ptr, w_ptr, b_ptr,  # hidden rows of this chunk (Nc, H), weight (V, H), bias (V,) or a dummy
     tgt_ptr,  # (Nc,) int64 target index within this weight, -1 = not here / ignored
     m_ptr, logs_ptr,  # (Nc,) fp32: global max M and log S of the scaled logits (lse = M + log S)
     g_ptr,  # (Nc,) fp32 upstream grad of logp, already zero on ignored rows
-    dz_ptr,  # (Nc, V) out, input dtype: d(logp . g) / d(raw logits)
+    ge_ptr, ent_ptr,  # (Nc,) fp32 upstream grad of the entropy and the entropy H (HAS_ENT), or dummies
+    dz_ptr,  # (Nc, V) out, input dtype: d(logp . g + H . ge) / d(raw logits)
     N, V, H,
     stride_hn, stride_wv, stride_dzn,
     inv_t,
-    HAS_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_ENT: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     GROUP_N: tl.constexpr,  # row blocks per swizzle group
@@ -172,10 +173,15 @@ def _logprob_bwd_kernel(
     log_s = tl.load(logs_ptr + rows, mask=row_mask, other=0.0)
     g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
     tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-1)
-    p = tl.exp((z - m[:, None]) - log_s[:, None])  # z - M is exact near the max; see logprob.py
+    logp = (z - m[:, None]) - log_s[:, None]  # z - M is exact near the max; see logprob.py
+    p = tl.exp(logp)  # masked lanes: logp ~ -1e30, finite, p = 0
     onehot = tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)
     # chain rule through z = raw * inv_t: d/d(raw) = inv_t * g * (onehot - p)
     dz = (onehot - p) * (g * inv_t)[:, None]
+    if HAS_ENT:  # dH/dz_j = -p_j (log p_j + H)
+        ge = tl.load(ge_ptr + rows, mask=row_mask, other=0.0)
+        ent = tl.load(ent_ptr + rows, mask=row_mask, other=0.0)
+        dz -= p * (logp + ent[:, None]) * (ge * inv_t)[:, None]
     tl.store(dz_ptr + rows[:, None] * stride_dzn + cols[None, :], dz.to(dz_ptr.dtype.element_ty),
              mask=row_mask[:, None] & col_mask[None, :])
 
@@ -226,10 +232,12 @@ def fwd_stats(hidden, weight, bias, tgt, inv_t: float, want_entropy: bool) -> to
     return stats
 
 
-def bwd_dlogits(hidden, weight, bias, tgt, m, log_s, g, inv_t: float, out: torch.Tensor) -> torch.Tensor:
-    """Write d(sum g * logp)/d(raw logits) for a row chunk into out (Nc, V), input dtype; return out.
+def bwd_dlogits(hidden, weight, bias, tgt, m, log_s, g, inv_t: float, out: torch.Tensor,
+                ge: torch.Tensor | None = None, ent: torch.Tensor | None = None) -> torch.Tensor:
+    """Write d(sum g * logp + ge * entropy)/d(raw logits) for a row chunk into out (Nc, V), input dtype.
 
-    hidden: (Nc, H) rows of the chunk; tgt, m, log_s, g: (Nc,); m, log_s, g fp32.
+    hidden: (Nc, H) rows of the chunk; tgt, m, log_s, g: (Nc,); m, log_s, g fp32; ge, ent: (Nc,) fp32
+    (the entropy's upstream grad and value), or None when the entropy is outside the loss. Returns out.
     """
     n, h = hidden.shape
     v = weight.shape[0]
@@ -237,8 +245,10 @@ def bwd_dlogits(hidden, weight, bias, tgt, m, log_s, g, inv_t: float, out: torch
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(v, meta["BLOCK_V"]),)  # noqa: E731
     with _on(hidden.device):
         _logprob_bwd_kernel[grid](
-            hidden, weight, bias if bias is not None else hidden, tgt, m, log_s, g, out,
+            hidden, weight, bias if bias is not None else hidden, tgt, m, log_s, g,
+            g if ge is None else ge, g if ent is None else ent, out,
             n, v, h, hidden.stride(0), weight.stride(0), out.stride(0), inv_t,
-            HAS_BIAS=bias is not None, DOT_FP32=dot_fp32, INPUT_PRECISION=precision, GROUP_N=8,
+            HAS_BIAS=bias is not None, HAS_ENT=ge is not None, DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
+            GROUP_N=8,
         )
     return out

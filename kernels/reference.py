@@ -40,7 +40,7 @@ def linear_logprob_reference(
     if not return_entropy:
         return logp
     entropy = -(logprobs.exp() * logprobs).sum(-1)
-    return logp, torch.where(valid, entropy, 0.0).detach()
+    return logp, torch.where(valid, entropy, 0.0)
 
 
 def naive_linear_logprob(

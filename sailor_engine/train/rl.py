@@ -46,11 +46,12 @@ tool latency behind decoding.
 
 Data parallelism: DDP, or FSDP2, whose parameters are gathered whole on every rank for the rollouts
 (`parallel.data.gathered`: one all-gather per step, no collective while generating) and sharded again
-for the updates. Not wired (refused by name): pp > 1; an entropy bonus (the kernel's entropy is a
-detached metric).
-With algo.judge the answer verdicts where exact match fails come from an LLM endpoint (`score_rollouts`).
-With algo.kl_coef > 0 the loss is penalised by the KL to the policy RL started from
-(`reference_stage`: a second, frozen copy of the weights, one more forward per micro-batch).
+for the updates. Not wired (refused by name): pp > 1.
+
+Optional terms (the papers use none): algo.judge, an LLM endpoint deciding the answers exact match
+rejects (`score_rollouts`); algo.kl_coef, a KL penalty to the policy RL started from
+(`reference_stage`: a second, frozen copy of the weights, one more forward per micro-batch);
+algo.entropy_coef, an entropy bonus through the fused kernel's differentiable entropy.
 """
 
 from __future__ import annotations
@@ -99,12 +100,8 @@ def check_rl_config(cfg: Config, rt: Runtime, num_tasks: int) -> None:
     if rt.pp > 1:
         raise ConfigError(f"parallel.pp = {rt.pp}: pipeline parallelism is not wired into the RL trainer "
                           "(the generator runs the whole model on every rank); set parallel.pp=1")
-    refused = {"algo.entropy_coef": a.entropy_coef > 0}
     if a.judge is not None and a.judge.api_key_env is not None and not os.environ.get(a.judge.api_key_env):
         raise ConfigError(f"algo.judge.api_key_env: environment variable {a.judge.api_key_env} is not set")
-    for name, on in refused.items():
-        if on:
-            raise ConfigError(f"{name}: not wired into the RL trainer yet; turn it off")
     if set(cfg.rollout.tools) - {"search", "visit"}:
         raise ConfigError(f"rollout.tools = {list(cfg.rollout.tools)}: the RL trainer offers search and visit only")
     q, size = cfg.train.rl.questions_per_step, cfg.train.rl.pool_size
@@ -359,7 +356,8 @@ def run_update(stage, model, mini: list[tuple[Sequence, float]], cfg: Config, rt
                     ref_hidden = ref(x.input_ids, x.cu_seqlens, x.positions)
                 ref_logp = fused_linear_logprob(*rt.head_inputs(ref_hidden, ref.output_weight), p.targets,
                                                 tp_group=model.tp_group, temperature=temperature)
-            loss, st = rl_loss(logp, old, a, p.loss_mask, norm, cfg.algo, seq_ids=p.seq_ids, ref_logp=ref_logp)
+            loss, st = rl_loss(logp, old, a, p.loss_mask, norm, cfg.algo, seq_ids=p.seq_ids, ref_logp=ref_logp,
+                               entropy=ent if cfg.algo.entropy_coef > 0 else None)
             loss.backward()
         n = float(st["num_tokens"])
         on = p.loss_mask != 0
@@ -367,7 +365,7 @@ def run_update(stage, model, mini: list[tuple[Sequence, float]], cfg: Config, rt
         # estimate of KL(pi_old || pi_theta), ~0 at the first update (numerics), growing with the updates
         kl = torch.where(on, kl_penalty(old, logp.detach(), "k3"), 0.0).sum()
         sums += torch.tensor([float(loss.detach()), float(st["clip_frac_low"]) * n, float(st["clip_frac_high"]) * n, n,
-                              float((ent * on).sum()), float(kl), float(st["kl_mean"]) * n],
+                              float((ent.detach() * on).sum()), float(kl), float(st["kl_mean"]) * n],
                              dtype=torch.float64, device=rt.device)
         diff = ((logp.detach() - old).abs() * (p.loss_mask != 0)).max() if p.loss_mask.numel() else 0.0
         mismatch = torch.maximum(mismatch, torch.as_tensor(float(diff), dtype=torch.float64, device=rt.device))

@@ -38,11 +38,15 @@ def _problem(n, h, v, *, seed=0, bias=True, ignore_rows=(), scale=3.0):
     return hidden, weight, b, targets, g
 
 
-def _run(fn, hidden, weight, bias, targets, g, dtype, **kw):
-    """fn on copies of the leaves cast to dtype: (logp, entropy, dH, dW, db) as float64."""
+def _run(fn, hidden, weight, bias, targets, g, dtype, ge=None, **kw):
+    """fn on copies of the leaves cast to dtype: (logp, entropy, dH, dW, db) as float64; the grads are
+    of sum(g * logp), plus sum(ge * entropy) when ge is given (an entropy bonus)."""
     leaves = [None if x is None else x.detach().to(dtype).requires_grad_() for x in (hidden, weight, bias)]
     logp, ent = fn(leaves[0], leaves[1], targets, bias=leaves[2], return_entropy=True, ignore_index=IGNORE, **kw)
-    (logp.double() * g).sum().backward()
+    loss = (logp.double() * g).sum()
+    if ge is not None:
+        loss = loss + (ent.double() * ge).sum()
+    loss.backward()
     grads = [None if x is None else x.grad.double() for x in leaves]
     return [logp.detach().double(), ent.double(), *grads]
 
@@ -62,9 +66,11 @@ def _rounded(dtype, *xs):
     return [None if x is None else x.to(dtype).double() for x in xs]
 
 
-def _compare(impl, n, h, v, dtype, atol, rtol, temperature=1.0, **problem_kw):
+def _compare(impl, n, h, v, dtype, atol, rtol, temperature=1.0, entropy_grad=False, **problem_kw):
     hidden, weight, bias, targets, g = _problem(n, h, v, **problem_kw)
     kw = dict(temperature=temperature)
+    if entropy_grad:
+        kw["ge"] = torch.randn(n, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     hidden, weight, bias = _rounded(dtype, hidden, weight, bias)
     truth = _run(linear_logprob_reference, hidden, weight, bias, targets, g, torch.float64, **kw)
     ref = _run(linear_logprob_reference, hidden, weight, bias, targets, g, dtype, **kw)
@@ -233,14 +239,43 @@ def test_huge_logits_are_stable(impl):
         torch.testing.assert_close(o, t, atol=1e-3 * max(1.0, t.abs().max().item()), rtol=1e-4)
 
 
-def test_entropy_is_detached_and_output_fp32():
-    hidden, weight, _, targets, _ = _problem(5, 8, 20, bias=False)
-    h = hidden.bfloat16().requires_grad_()
-    logp, ent = fused_linear_logprob(h, weight.bfloat16(), targets, return_entropy=True)
-    assert logp.dtype == ent.dtype == torch.float32
-    assert logp.requires_grad and not ent.requires_grad
-    only = fused_linear_logprob(h, weight.bfloat16(), targets)
-    assert torch.equal(only, logp)
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_entropy_outside_the_loss_changes_nothing_and_output_fp32(impl):
+    """The entropy is differentiable; a caller that only reads it (a metric) gets the logp-only
+    gradients bit for bit, as from a call without return_entropy."""
+    hidden, weight, _, targets, g = _problem(5, 8, 20, bias=False)
+    grads = []
+    for want in (False, True):
+        h = hidden.bfloat16().requires_grad_()
+        out = fused_linear_logprob(h, weight.bfloat16(), targets, return_entropy=want, impl=impl)
+        logp = out[0] if want else out
+        if want:
+            assert logp.dtype == out[1].dtype == torch.float32 and out[1].requires_grad
+            float(out[1].sum())  # read, not differentiated
+        (logp * g.float()).sum().backward()
+        grads.append((logp.detach(), h.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", TOLERANCES)
+@pytest.mark.parametrize("impl, n, h, v", [("torch", 123, 32, 1000), ("torch", 5, 32, 65537), ("triton", 33, 64, 300),
+                                           ("triton", 150, 16, 70)])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_entropy_gradient_matches_reference(impl, n, h, v, temperature, dtype, atol, rtol):
+    """d(sum g logp + ge H)/d(hidden, weight, bias): the entropy bonus's gradient, against float64 autograd."""
+    _compare(impl, n, h, v, dtype, atol, rtol, temperature=temperature, entropy_grad=True, ignore_rows=(2,))
+
+
+def test_entropy_gradcheck_float64_torch_path(monkeypatch):
+    monkeypatch.setattr(lp, "_TORCH_TILE_ELEMS", 6)
+    monkeypatch.setattr(lp, "_TORCH_MAX_ROWS", 2)
+    hidden, weight, bias, targets, _ = _problem(5, 3, 7, ignore_rows=(2,))
+    leaves = [x.requires_grad_() for x in (hidden, weight, bias)]
+
+    def fn(h, w, b):
+        return fused_linear_logprob(h, w, targets, bias=b, temperature=0.7, impl="torch", return_entropy=True)
+
+    assert torch.autograd.gradcheck(fn, leaves)
 
 
 def test_leading_dims_and_frozen_weight():
@@ -312,12 +347,15 @@ def test_triton_rejects_float64():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, atol, rtol", TOLERANCES)
-def test_triton_on_cuda_matches_reference(dtype, atol, rtol):
+@pytest.mark.parametrize("entropy_grad", [False, True], ids=["logp", "logp+entropy"])
+def test_triton_on_cuda_matches_reference(dtype, atol, rtol, entropy_grad):
     """Real GPU: autotuned configs, tensor-core dots, several vocab splits, V > 64k."""
     hidden, weight, bias, targets, g = (None if x is None else x.cuda() for x in _problem(1151, 256, 65537,
                                                                                       ignore_rows=(7,)))
     hidden, weight, bias = _rounded(dtype, hidden, weight, bias)
     kw = dict(temperature=0.7)
+    if entropy_grad:
+        kw["ge"] = torch.randn(len(targets), generator=torch.Generator().manual_seed(7), dtype=torch.float64).cuda()
     truth = _run(linear_logprob_reference, hidden, weight, bias, targets, g, torch.float64, **kw)
     ref = _run(linear_logprob_reference, hidden, weight, bias, targets, g, dtype, **kw)
     ours = _run(fused_linear_logprob, hidden, weight, bias, targets, g, dtype, impl="triton", **kw)
@@ -337,10 +375,11 @@ for dt in ("bf16", "fp32"):
     dot = {"DOT_FP32": dt == "fp32", "INPUT_PRECISION": "ieee" if dt == "fp32" else "tf32"}
     fwd = {"h_ptr": p, "w_ptr": p, "b_ptr": p, "tgt_ptr": "*i64", "stats_ptr": "*fp32", **common, "inv_t": "fp32"}
     bwd = {"h_ptr": p, "w_ptr": p, "b_ptr": p, "tgt_ptr": "*i64", "m_ptr": "*fp32", "logs_ptr": "*fp32",
-           "g_ptr": "*fp32",
+           "g_ptr": "*fp32", "ge_ptr": "*fp32", "ent_ptr": "*fp32",
            "dz_ptr": p, **common, "stride_dzn": "i32", "inv_t": "fp32"}
     for kernel, sig, flags in ((tk._logprob_fwd_kernel, fwd, {"HAS_BIAS": True, "WANT_ENTROPY": True}),
-                               (tk._logprob_bwd_kernel, bwd, {"HAS_BIAS": True, "GROUP_N": 8})):
+                               (tk._logprob_bwd_kernel, bwd, {"HAS_BIAS": True, "HAS_ENT": False, "GROUP_N": 8}),
+                               (tk._logprob_bwd_kernel, bwd, {"HAS_BIAS": True, "HAS_ENT": True, "GROUP_N": 8})):
         cfg = kernel.configs[0]
         consts = {**flags, **dot, **cfg.kwargs}
         sig = {**sig, **{k: "constexpr" for k in consts}}

@@ -189,8 +189,6 @@ def test_seeds_and_shares():
 
 
 def test_config_errors_exit_2(world, capsys):
-    assert main(rl_args(world, world / "bad", "algo.entropy_coef=0.1")) == 2
-    assert "algo.entropy_coef: not wired into the RL trainer yet" in capsys.readouterr().err
     judge = ["algo.judge.base_url=http://127.0.0.1:9/v1", "algo.judge.model=m", "algo.judge.api_key_env=SAILOR_NO_KEY"]
     assert main(rl_args(world, world / "bad", *judge)) == 2
     assert "algo.judge.api_key_env: environment variable SAILOR_NO_KEY is not set" in capsys.readouterr().err
@@ -258,8 +256,9 @@ def test_balance_hops_keeps_the_first_tasks_of_each_hop_count_in_file_order():
 
 @pytest.mark.parametrize("budget", [32768, 16], ids=["one-micro-batch", "micro-batches"])
 def test_update_stats_match_a_float64_reference(budget):
-    """run_update's loss, entropy, KL to the sampling policy and KL to the reference, against the same
-    quantities from float64 logits of the padded forward (an independent path: no packing, no kernel)."""
+    """run_update's loss (clipped surrogate + KL penalty - entropy bonus), entropy, KL to the sampling
+    policy and KL to the reference, against the same quantities from float64 logits of the padded
+    forward (an independent path: no packing, no kernel)."""
     import copy
 
     import torch
@@ -273,7 +272,8 @@ def test_update_stats_match_a_float64_reference(budget):
     from sailor_engine.train.setup import Runtime
 
     T = 0.7
-    cfg = load_config(None, ["algo.kl_coef=0.2", f"rollout.temperature={T}", "model.max_position_embeddings=16",
+    cfg = load_config(None, ["algo.kl_coef=0.2", "algo.entropy_coef=0.05", f"rollout.temperature={T}",
+                             "model.max_position_embeddings=16",
                              "synth.expert_max_tokens=16", "rollout.max_context=16",
                              f"train.micro_batch_tokens={budget}"])
     mcfg = ModelConfig(family="qwen2", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
@@ -291,14 +291,17 @@ def test_update_stats_match_a_float64_reference(budget):
     rt = Runtime(groups=None, rank=0, device=torch.device("cpu"))
     st = run_update(stage, models[0], mini, cfg, rt, ref)
 
-    @torch.no_grad()
+    m64 = [copy.deepcopy(m).double() for m in models]  # the policy's copy keeps its gradients
+
     def logp64(model, ids):
-        logits = copy.deepcopy(model).double()(torch.tensor([ids]))[0, :-1] / T
+        logits = model(torch.tensor([ids]))[0, :-1] / T
         return torch.log_softmax(logits, -1)  # (n - 1, V): position i predicts token i + 1
 
     cat = {k: [] for k in ("logp", "ref", "old", "mask", "ent", "seq")}
     for i, (s, _) in enumerate(mini):
-        lp, lr = logp64(models[0], s.token_ids), logp64(models[1], s.token_ids)
+        lp = logp64(m64[0], s.token_ids)
+        with torch.no_grad():
+            lr = logp64(m64[1], s.token_ids)
         tgt = torch.tensor(s.token_ids[1:])[:, None]
         cat["logp"].append(lp.gather(1, tgt)[:, 0])
         cat["ref"].append(lr.gather(1, tgt)[:, 0])
@@ -309,11 +312,16 @@ def test_update_stats_match_a_float64_reference(budget):
     lp, lr, old, mask, ent, seq = (torch.cat(cat[k]) for k in ("logp", "ref", "old", "mask", "ent", "seq"))
     on = mask != 0
     assert st["loss_tokens"] == int(on.sum())
-    assert st["entropy"] == pytest.approx(float(ent[on].mean()), rel=1e-5)
-    x = lp - old
+    assert st["entropy"] == pytest.approx(float(ent.detach()[on].mean()), rel=1e-5)
+    x = lp.detach() - old
     assert st["kl_old"] == pytest.approx(float((x.exp() - x - 1)[on].mean()), rel=1e-5)
-    assert st["kl_ref"] == pytest.approx(float(kl_penalty(lp, lr, "k3")[on].mean()), rel=1e-5)
+    assert st["kl_ref"] == pytest.approx(float(kl_penalty(lp.detach(), lr, "k3")[on].mean()), rel=1e-5)
     adv = torch.tensor([a for _, a in mini], dtype=torch.float64)
-    loss, _ = rl_loss(lp, old, adv, mask, global_norm([mask], [seq]), cfg.algo, seq_ids=seq, ref_logp=lr)
-    assert st["loss"] == pytest.approx(float(loss), rel=1e-5)
+    loss, _ = rl_loss(lp, old, adv, mask, global_norm([mask], [seq]), cfg.algo, seq_ids=seq, ref_logp=lr, entropy=ent)
+    assert st["loss"] == pytest.approx(float(loss.detach()), rel=1e-5)
+    loss.backward()  # every term's gradient, the entropy bonus's included, reached the parameters
+    want = dict(m64[0].named_parameters())
+    for name, p in models[0].named_parameters():
+        err = float((p.grad.double() - want[name].grad).norm() / want[name].grad.norm())
+        assert err < 1e-5, (name, err)
     assert st["clip_frac_low"] + st["clip_frac_high"] > 0  # the clipped regimes are exercised
