@@ -55,8 +55,10 @@ def test_8gpu_layouts():
     dims = ParallelDims.resolve(cfg.parallel, 8)
     assert (dims.tp, dims.pp, dims.dp) == (2, 2, 2) and cfg.parallel.data_parallel == "fsdp"
     _check_wired(cfg, dims)  # FSDP2 under pp: wired (train.dtype auto resolves to fp32 without CUDA)
-    with pytest.raises(ConfigError, match=r"parallel\.pp"):
-        check_rl_config(load_config(EXAMPLES / "llama-8b-8gpu.yaml", ["train.mode=rl"]),
+    check_rl_config(load_config(EXAMPLES / "llama-8b-8gpu.yaml", ["train.mode=rl"]),
+                    SimpleNamespace(pp=dims.pp, dp=dims.dp), num_tasks=1000)  # RL under pp: wired
+    with pytest.raises(ConfigError, match=r"algo\.kl_coef with parallel\.pp = 2"):
+        check_rl_config(load_config(EXAMPLES / "llama-8b-8gpu.yaml", ["train.mode=rl", "algo.kl_coef=0.1"]),
                         SimpleNamespace(pp=dims.pp, dp=dims.dp), num_tasks=1000)
     rl = load_config(EXAMPLES / "llama-8b-8gpu.yaml", RL_8GPU)
     rl_dims = ParallelDims.resolve(rl.parallel, 8)

@@ -46,7 +46,11 @@ tool latency behind decoding.
 
 Data parallelism: DDP, or FSDP2, whose parameters are gathered whole on every rank for the rollouts
 (`parallel.data.gathered`: one all-gather per step, no collective while generating) and sharded again
-for the updates. Not wired (refused by name): pp > 1.
+for the updates. Pipeline parallelism: every rank builds the whole model and trains its stage's part;
+before the rollouts each stage broadcasts its parameters over the pp group (`whole_model`), the
+episodes are split over dp x pp, and the updates run the micro-batches through the stages by 1F1B
+(the statistics come from the last stage). Costs a whole copy of the weights (not of the optimizer
+state) per rank. Refused by name: algo.kl_coef with pp > 1 (the reference forward is not pipelined).
 
 Optional terms (the papers use none): algo.judge, an LLM endpoint deciding the answers exact match
 rejects (`score_rollouts`); algo.kl_coef, a KL penalty to the policy RL started from
@@ -72,8 +76,8 @@ from sailor_engine.env.tools import SearchTool, VisitTool
 from sailor_engine.kernels.logprob import fused_linear_logprob
 from sailor_engine.model import Tokenizer
 from sailor_engine.parallel.checkpoint import read_manifest
-from sailor_engine.parallel.data import gathered, grad_sync, unwrap
-from sailor_engine.parallel.pipeline import MicroBatch, PipelineStage, stage_layers
+from sailor_engine.parallel.data import gathered, grad_sync, set_grad_sync, unwrap
+from sailor_engine.parallel.pipeline import MicroBatch, PipelineStage, one_f_one_b, stage_layers
 from sailor_engine.rl.dupo import DynamicSampler, GroupBatch, RLBatch, build_batch, finalize
 from sailor_engine.rl.loss import global_norm, kl_penalty, rl_loss
 from sailor_engine.rl.judge import HttpJudge
@@ -97,9 +101,9 @@ from sailor_engine.train.setup import Runtime, build_model, build_optimizer, wra
 def check_rl_config(cfg: Config, rt: Runtime, num_tasks: int) -> None:
     """ConfigError naming the field for anything the RL trainer cannot run."""
     a = cfg.algo
-    if rt.pp > 1:
-        raise ConfigError(f"parallel.pp = {rt.pp}: pipeline parallelism is not wired into the RL trainer "
-                          "(the generator runs the whole model on every rank); set parallel.pp=1")
+    if rt.pp > 1 and a.kl_coef > 0:
+        raise ConfigError(f"algo.kl_coef with parallel.pp = {rt.pp}: the reference policy's forward is not "
+                          "pipelined; set parallel.pp=1 or algo.kl_coef=0")
     if a.judge is not None and a.judge.api_key_env is not None and not os.environ.get(a.judge.api_key_env):
         raise ConfigError(f"algo.judge.api_key_env: environment variable {a.judge.api_key_env} is not set")
     if set(cfg.rollout.tools) - {"search", "visit"}:
@@ -158,14 +162,17 @@ def roll_out(model, runner: ToolRunner, tpl: ChatTemplate, system: str | None, t
     `stage`: the training module around `model` (FSDP2: its parameters are gathered for the rollouts,
     on every dp rank, also one without episodes)."""
     G, r = cfg.algo.group_size, cfg.rollout
-    lo, hi = block(len(tasks), rt.dp, rt.dp_rank)
+    # rollouts are split over dp x pp (every pp rank generates with the whole model); a tp group shares a block
+    lo, hi = block(len(tasks), rt.dp * rt.pp, rt.dp_rank * rt.pp + rt.pp_rank)
     tic = time.perf_counter()
     params = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
                             seed=episode_seed(cfg.train.seed, step, first_episode + lo * G, episodes_per_step(cfg)))
     max_len = r.max_context or model.cfg.max_position_embeddings
     stats = {"decode_s": 0.0, "tool_wait_s": 0.0}
     mine: list[Trajectory] = []
-    with gathered(stage if stage is not None else model):
+    with gathered(stage if stage is not None else model, layers_reshard_after_forward=rt.pp == 1):
+        if rt.pp > 1:
+            whole_model(model, rt)
         if hi > lo:
             gen = Generator(model, max_batch=min(r.max_batch, (hi - lo) * G), max_seq_len=max_len)
             loop = AgentLoop(gen, Lockstep(runner) if rt.tp > 1 else runner, tpl, params=params,
@@ -178,12 +185,33 @@ def roll_out(model, runner: ToolRunner, tpl: ChatTemplate, system: str | None, t
             stats = loop.stats
     local = (mine, time.perf_counter() - tic, stats["decode_s"], stats["tool_wait_s"])
     parts = [local]
-    if rt.dp_group is not None:
-        parts = [None] * rt.dp
-        dist.all_gather_object(parts, local, group=rt.dp_group)
+    for group, size in ((rt.groups.pp if rt.pp > 1 else None, rt.pp), (rt.dp_group, rt.dp)):
+        if group is not None:  # pp first, then dp: the blocks come back in (dp, pp) order
+            gathered_parts = [None] * size
+            dist.all_gather_object(gathered_parts, parts, group=group)
+            parts = [x for part in gathered_parts for x in part]
     trajs = [t for part in parts for t in part[0]]
     scored = score_rollouts(trajs, [t for t in tasks for _ in range(G)], cfg, rt)
     return Rollouts(trajs, scored, max(p[1] for p in parts), max(p[2] for p in parts), max(p[3] for p in parts))
+
+
+def whole_model(model, rt: Runtime) -> None:
+    """Under pipeline parallelism, make `model` (the whole Transformer every rank builds; only its
+    stage's part is trained there) the current policy on every pp rank, for the rollouts: each
+    parameter is broadcast over the pp group from the stage that trains it (the embedding from the
+    first, the final norm and an untied LM head from the last). Same tp rank, same shard shapes."""
+    owners = [k for k, layers in enumerate(stage_layers(model.cfg, rt.pp)) for _ in layers]
+
+    def owner(name: str) -> int:
+        if name.startswith("embed_tokens."):
+            return 0
+        if name.startswith("layers."):
+            return owners[int(name.split(".")[1])]
+        return rt.pp - 1
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            dist.broadcast(p.data, src=dist.get_global_rank(rt.groups.pp, owner(name)), group=rt.groups.pp)
 
 
 def score_rollouts(trajs: list[Trajectory], tasks: list, cfg: Config, rt: Runtime) -> RewardBatch:
@@ -332,7 +360,8 @@ def run_update(stage, model, mini: list[tuple[Sequence, float]], cfg: Config, rt
     """
     adv = {id(s): a for s, a in mini}
     seqs = [s for s, _ in mini]
-    mbs = micro_batches(deal(seqs, rt.dp), cfg.train.micro_batch_tokens, rt.dp_rank)
+    mbs = micro_batches(deal(seqs, rt.dp), cfg.train.micro_batch_tokens, rt.dp_rank,
+                        cfg.parallel.pp_microbatches if rt.pp > 1 else 1)
     packed = [pack(mb).to(rt.device) for mb in mbs]
     norm = global_norm([p.loss_mask for p in packed], [p.seq_ids for p in packed], dp_group=rt.dp_group)
     if norm.num_tokens == 0:
@@ -341,34 +370,48 @@ def run_update(stage, model, mini: list[tuple[Sequence, float]], cfg: Config, rt
     # loss, clipped low, clipped high, tokens, entropy, KL(sampling || current), KL to ref: sums over loss tokens
     sums = torch.zeros(7, dtype=torch.float64, device=rt.device)
     mismatch = torch.zeros(1, dtype=torch.float64, device=rt.device)
-    for i, (mb, p) in enumerate(zip(mbs, packed)):
-        x = MicroBatch.packed(p.input_ids, p.cu_seqlens)
+    xs = [MicroBatch.packed(p.input_ids, p.cu_seqlens) for p in packed]
+    net = unwrap(stage)
+
+    def loss_fn(hidden: torch.Tensor, i: int) -> torch.Tensor:  # micro-batch i's share, on the last stage
+        nonlocal mismatch
+        p, x = packed[i], xs[i]
         old = p.old_logp if p.old_logp is not None else torch.zeros_like(p.loss_mask)  # a padding micro-batch
-        a = torch.tensor([adv.get(id(s), 0.0) for s in mb], dtype=torch.float32, device=rt.device)
-        with grad_sync(stage, i == len(mbs) - 1):  # dp reduction once, after the last backward
-            with rt.autocast():  # the forward only (setup.Runtime); log-probs and loss stay fp32
-                hidden = stage(x.input_ids, x.cu_seqlens, x.positions)
-            logp, ent = fused_linear_logprob(*rt.head_inputs(hidden, unwrap(stage).output_weight), p.targets,
-                                             tp_group=model.tp_group, temperature=temperature, return_entropy=True)
-            ref_logp = None
-            if ref is not None:
-                with torch.no_grad(), rt.autocast():
-                    ref_hidden = ref(x.input_ids, x.cu_seqlens, x.positions)
-                ref_logp = fused_linear_logprob(*rt.head_inputs(ref_hidden, ref.output_weight), p.targets,
-                                                tp_group=model.tp_group, temperature=temperature)
-            loss, st = rl_loss(logp, old, a, p.loss_mask, norm, cfg.algo, seq_ids=p.seq_ids, ref_logp=ref_logp,
-                               entropy=ent if cfg.algo.entropy_coef > 0 else None)
-            loss.backward()
+        a = torch.tensor([adv.get(id(s), 0.0) for s in mbs[i]], dtype=torch.float32, device=rt.device)
+        logp, ent = fused_linear_logprob(*rt.head_inputs(hidden, net.output_weight), p.targets,
+                                         tp_group=model.tp_group, temperature=temperature, return_entropy=True)
+        ref_logp = None
+        if ref is not None:
+            with torch.no_grad(), rt.autocast():
+                ref_hidden = ref(x.input_ids, x.cu_seqlens, x.positions)
+            ref_logp = fused_linear_logprob(*rt.head_inputs(ref_hidden, ref.output_weight), p.targets,
+                                            tp_group=model.tp_group, temperature=temperature)
+        loss, st = rl_loss(logp, old, a, p.loss_mask, norm, cfg.algo, seq_ids=p.seq_ids, ref_logp=ref_logp,
+                           entropy=ent if cfg.algo.entropy_coef > 0 else None)
         n = float(st["num_tokens"])
         on = p.loss_mask != 0
         # k3 of x = logp - old on tokens sampled from the old policy: an unbiased, non-negative
         # estimate of KL(pi_old || pi_theta), ~0 at the first update (numerics), growing with the updates
         kl = torch.where(on, kl_penalty(old, logp.detach(), "k3"), 0.0).sum()
-        sums += torch.tensor([float(loss.detach()), float(st["clip_frac_low"]) * n, float(st["clip_frac_high"]) * n, n,
-                              float((ent.detach() * on).sum()), float(kl), float(st["kl_mean"]) * n],
-                             dtype=torch.float64, device=rt.device)
-        diff = ((logp.detach() - old).abs() * (p.loss_mask != 0)).max() if p.loss_mask.numel() else 0.0
+        sums.add_(torch.tensor([float(loss.detach()), float(st["clip_frac_low"]) * n,
+                                float(st["clip_frac_high"]) * n, n, float((ent.detach() * on).sum()), float(kl),
+                                float(st["kl_mean"]) * n], dtype=torch.float64, device=rt.device))
+        diff = ((logp.detach() - old).abs() * on).max() if on.numel() else 0.0
         mismatch = torch.maximum(mismatch, torch.as_tensor(float(diff), dtype=torch.float64, device=rt.device))
+        return loss
+
+    if rt.pp > 1:
+        sync = (lambda i, is_last: set_grad_sync(stage, is_last)) if rt.dp > 1 else None  # noqa: E731
+        one_f_one_b(rt.autocast_calls(stage), xs if net.is_first else None, loss_fn if net.is_last else None,
+                    rt.groups.pp, before_backward=sync)
+        dist.all_reduce(sums, group=rt.groups.pp)  # the stats live on the last stage (zeros elsewhere)
+        dist.all_reduce(mismatch, op=dist.ReduceOp.MAX, group=rt.groups.pp)
+    else:
+        for i, x in enumerate(xs):
+            with grad_sync(stage, i == len(xs) - 1):  # dp reduction once, after the last backward
+                with rt.autocast():  # the forward only (setup.Runtime); log-probs and loss stay fp32
+                    hidden = stage(x.input_ids, x.cu_seqlens, x.positions)
+                loss_fn(hidden, i).backward()
     if rt.dp_group is not None:
         dist.all_reduce(sums, group=rt.dp_group)
         dist.all_reduce(mismatch, op=dist.ReduceOp.MAX, group=rt.dp_group)

@@ -8,8 +8,8 @@ first update, every counter adds up), and a run resumed from a checkpoint writes
 run's metrics. Under torchrun (gloo) dp=2 (DDP, and FSDP2 gathered for the rollouts) and tp=2
 reproduce the single-process run's first step: the same trajectories (rewards, DUPO counts, tokens
 exactly; the CPU generator is batch-invariant, so a trajectory does not depend on the rank or batch
-that produced it) and losses and gradient norms to 1e-5 relative. pp=2 is refused with a message
-naming the field.
+that produced it) and losses and gradient norms to 1e-5 relative; so does pp=2 (each stage
+broadcasts its layers for the rollouts, the updates run 1F1B).
 """
 
 from __future__ import annotations
@@ -204,8 +204,8 @@ def torchrun(world: Path, out: Path, *overrides: str, nproc: int = 2) -> subproc
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("layout", ["parallel.data_parallel=ddp", "parallel.data_parallel=fsdp", "parallel.tp=2"],
-                         ids=["dp2-ddp", "dp2-fsdp", "tp2"])
+@pytest.mark.parametrize("layout", ["parallel.data_parallel=ddp", "parallel.data_parallel=fsdp", "parallel.tp=2",
+                                    "parallel.pp=2"], ids=["dp2-ddp", "dp2-fsdp", "tp2", "pp2"])
 def test_several_processes_match_the_single_process_run(world, single, layout):
     out = world / f"dist-{layout}"
     proc = torchrun(world, out, layout)
@@ -221,10 +221,11 @@ def test_several_processes_match_the_single_process_run(world, single, layout):
 
 
 @pytest.mark.dist
-def test_pp2_is_refused(world):
-    proc = torchrun(world, world / "pp2", "parallel.pp=2")
+def test_pp2_refuses_a_kl_penalty(world):
+    proc = torchrun(world, world / "pp2kl", "parallel.pp=2", "algo.kl_coef=0.1")
     assert proc.returncode != 0  # every rank exits 2; torchrun reports the failure as 1
-    assert "parallel.pp = 2: pipeline parallelism is not wired into the RL trainer" in proc.stderr, proc.stderr[-3000:]
+    assert "algo.kl_coef with parallel.pp = 2: the reference policy's forward is not pipelined" in proc.stderr, \
+        proc.stderr[-3000:]
 
 
 def test_exclude_expert_tasks(world, capsys):
