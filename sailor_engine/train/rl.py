@@ -50,7 +50,7 @@ for the updates. Pipeline parallelism: every rank builds the whole model and tra
 before the rollouts each stage broadcasts its parameters over the pp group (`whole_model`), the
 episodes are split over dp x pp, and the updates run the micro-batches through the stages by 1F1B
 (the statistics come from the last stage). Costs a whole copy of the weights (not of the optimizer
-state) per rank. Refused by name: algo.kl_coef with pp > 1 (the reference forward is not pipelined).
+state) per rank; with algo.kl_coef the last stage alone holds the reference and runs its whole forward.
 
 Optional terms (the papers use none): algo.judge, an LLM endpoint deciding the answers exact match
 rejects (`score_rollouts`); algo.kl_coef, a KL penalty to the policy RL started from
@@ -101,9 +101,6 @@ from sailor_engine.train.setup import Runtime, build_model, build_optimizer, wra
 def check_rl_config(cfg: Config, rt: Runtime, num_tasks: int) -> None:
     """ConfigError naming the field for anything the RL trainer cannot run."""
     a = cfg.algo
-    if rt.pp > 1 and a.kl_coef > 0:
-        raise ConfigError(f"algo.kl_coef with parallel.pp = {rt.pp}: the reference policy's forward is not "
-                          "pipelined; set parallel.pp=1 or algo.kl_coef=0")
     if a.judge is not None and a.judge.api_key_env is not None and not os.environ.get(a.judge.api_key_env):
         raise ConfigError(f"algo.judge.api_key_env: environment variable {a.judge.api_key_env} is not set")
     if set(cfg.rollout.tools) - {"search", "visit"}:
@@ -349,8 +346,8 @@ def run_update(stage, model, mini: list[tuple[Sequence, float]], cfg: Config, rt
     Stats over the loss tokens: the clip fractions, `entropy` (mean entropy of the policy at the
     rollout temperature, from the fused kernel), `kl_old` (k3 estimate of KL(pi_old || pi_theta) on
     the sampled tokens: how far this update's policy has moved from the sampling one) and, with a
-    reference stage `ref` (algo.kl_coef > 0: the policy at the start of RL, frozen), `kl_ref`, the
-    algo.kl_estimator KL to it that the loss is penalised with.
+    reference stage `ref` (algo.kl_coef > 0: the policy at the start of RL, frozen, whole; under pp
+    on the last stage only), `kl_ref`, the algo.kl_estimator KL to it that the loss is penalised with.
 
     Under bf16 (rt.compute_dtype) the forward runs under autocast, but the Generator sampled with the
     fp32 module: the first update's logp_mismatch_max is then bf16 noise, which grows with the logits
@@ -417,7 +414,7 @@ def run_update(stage, model, mini: list[tuple[Sequence, float]], cfg: Config, rt
         dist.all_reduce(mismatch, op=dist.ReduceOp.MAX, group=rt.dp_group)
     loss, low, high, n, ent, kl, kl_ref = sums.tolist()
     return {"loss": loss, "clip_frac_low": low / n, "clip_frac_high": high / n, "loss_tokens": int(n),
-            "entropy": ent / n, "kl_old": kl / n, **({"kl_ref": kl_ref / n} if ref is not None else {}),
+            "entropy": ent / n, "kl_old": kl / n, **({"kl_ref": kl_ref / n} if cfg.algo.kl_coef > 0 else {}),
             "logp_mismatch_max": float(mismatch), "tokens": sum(len(s.token_ids) - 1 for s in seqs)}
 
 
@@ -538,7 +535,8 @@ def train_rl(cfg: Config, rt: Runtime) -> list[dict]:
     stage = wrap_model(model, cfg, rt)
     net = unwrap(stage)
     opt = build_optimizer(net.parameters(), cfg)
-    ref = reference_stage(cfg, tok.vocab_size, rt) if cfg.algo.kl_coef > 0 else None
+    # the reference's forward runs where the loss is computed: on the last pipeline stage, whole
+    ref = reference_stage(cfg, tok.vocab_size, rt) if cfg.algo.kl_coef > 0 and (rt.pp == 1 or net.is_last) else None
     for g in opt.param_groups:
         g["weight_decay"] = t.rl.weight_decay
     key = _run_key(cfg, pool_tasks)
@@ -640,7 +638,7 @@ def _train(stage, model, net, opt, minis: list, step: int, cfg: Config, rt: Runt
             "loss_tokens": sum(x["loss_tokens"] for x in ups), "train_tokens": tokens,
             "clip_frac_low": [x["clip_frac_low"] for x in ups], "clip_frac_high": [x["clip_frac_high"] for x in ups],
             "entropy": [x["entropy"] for x in ups], "kl_old": [x["kl_old"] for x in ups],
-            **({"kl_ref": [x["kl_ref"] for x in ups]} if ref is not None else {}),
+            **({"kl_ref": [x["kl_ref"] for x in ups]} if cfg.algo.kl_coef > 0 else {}),
             # the first update's policy is the sampling policy: any difference is numerics
             "logp_mismatch_max": ups[0]["logp_mismatch_max"] if ups[0]["update"] == 0 else None,
             "time_train": dt, "train_tokens_per_s": tokens / dt}
