@@ -445,8 +445,9 @@ def rollout_metrics(ro: Rollouts, batch: RLBatch) -> dict:
 
 class _RLLog(_Log):
     def progress(self, row: dict, total: int) -> None:
-        train = (f"loss {row['loss']:.4f}  grad_norm {row['grad_norm']:.3f}" if row["skipped"] is None
-                 else f"skipped: {row['skipped']}")
+        # entropy of the sampling policy (the first update's), KL moved by the step's last update
+        train = (f"loss {row['loss']:.4f}  grad_norm {row['grad_norm']:.3f}  entropy {row['entropy'][0]:.3f}  "
+                 f"kl {row['kl_old'][-1]:.1e}" if row["skipped"] is None else f"skipped: {row['skipped']}")
         print(f"rl step {row['step']}/{total}  reward {row['reward_mean']:.3f}  acc {row['accuracy']:.3f}  {train}  "
               f"rollout {row['time_rollout']:.1f}s train {row['time_train']:.1f}s", flush=True)
 
