@@ -105,8 +105,9 @@ def fused_linear_logprob(
     hidden: (..., H) floating; weight: (V_local, H) same dtype; bias: (V_local,) or None;
     targets: (...) integer in [0, V_local * tp_size) or ignore_index (logp 0, entropy 0, no grad).
     temperature: > 0, divides the logits (bias included). return_entropy: also return the entropy
-    of each row's distribution (differentiable; an entropy left out of the loss adds no backward work). tp_group: vocab-parallel group (weight is this rank's shard,
-    hidden and targets replicated). impl: "auto" | "triton" | "torch" (see the module docstring).
+    of each row's distribution (differentiable; an entropy left out of the loss adds no backward
+    work). tp_group: vocab-parallel group (weight is this rank's shard, hidden and targets
+    replicated). impl: "auto" | "triton" | "torch" (see the module docstring).
     Returns logp (...) [, entropy (...)], fp32 (fp64 for fp64 inputs).
     """
     _check(hidden, weight, bias, targets, temperature, impl)
