@@ -152,7 +152,7 @@ class Rollouts:
 
 def roll_out(model, runner: ToolRunner, tpl: ChatTemplate, system: str | None, tasks: list, step: int,
              cfg: Config, rt: Runtime, first_episode: int = 0, stage=None) -> Rollouts:
-    """This rank's block of `tasks` x algo.group_size episodes, gathered over dp and scored.
+    """This rank's block of `tasks` x algo.group_size episodes, gathered over dp x pp and scored.
 
     Episode e of `tasks` is episode first_episode + e of the step (a later dynamic-sampling round
     starts past the earlier rounds' episodes), seeded by episode_seed over `episodes_per_step(cfg)`.
