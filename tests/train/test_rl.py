@@ -8,8 +8,8 @@ first update, every counter adds up), and a run resumed from a checkpoint writes
 run's metrics. Under torchrun (gloo) dp=2 (DDP, and FSDP2 gathered for the rollouts) and tp=2
 reproduce the single-process run's first step: the same trajectories (rewards, DUPO counts, tokens
 exactly; the CPU generator is batch-invariant, so a trajectory does not depend on the rank or batch
-that produced it) and losses and gradient norms to 1e-5 relative; so does pp=2 (each stage
-broadcasts its layers for the rollouts, the updates run 1F1B).
+that produced it) and losses and gradient norms to 1e-5 relative; so do pp=2 (each stage
+broadcasts its layers for the rollouts, the updates run 1F1B) and pp=2 x dp=2 under FSDP2 (4 ranks).
 """
 
 from __future__ import annotations
@@ -204,11 +204,12 @@ def torchrun(world: Path, out: Path, *overrides: str, nproc: int = 2) -> subproc
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("layout", ["parallel.data_parallel=ddp", "parallel.data_parallel=fsdp", "parallel.tp=2",
-                                    "parallel.pp=2"], ids=["dp2-ddp", "dp2-fsdp", "tp2", "pp2"])
-def test_several_processes_match_the_single_process_run(world, single, layout):
-    out = world / f"dist-{layout}"
-    proc = torchrun(world, out, layout)
+@pytest.mark.parametrize("layout, nproc", [("parallel.data_parallel=ddp", 2), ("parallel.data_parallel=fsdp", 2),
+                                           ("parallel.tp=2", 2), ("parallel.pp=2", 2), ("parallel.pp=2", 4)],
+                         ids=["dp2-ddp", "dp2-fsdp", "tp2", "pp2", "pp2-dp2-fsdp"])
+def test_several_processes_match_the_single_process_run(world, single, layout, nproc):
+    out = world / f"dist-{layout}-{nproc}"
+    proc = torchrun(world, out, layout, nproc=nproc)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     got, ref = metrics(out), metrics(single)
     # Step 1 starts from the same weights: the same trajectories, losses to 1e-5. After an update the
