@@ -7,9 +7,9 @@ two RL steps run end to end and write sane metrics (sampling and training log-pr
 first update, every counter adds up), and a run resumed from a checkpoint writes the uninterrupted
 run's metrics. Under torchrun (gloo) dp=2 (DDP, and FSDP2 gathered for the rollouts) and tp=2
 reproduce the single-process run's first step: the same trajectories (rewards, DUPO counts, tokens
-exactly; the CPU generator is batch-invariant, so a trajectory does not depend on the rank or batch
-that produced it) and losses and gradient norms to 1e-5 relative; so do pp=2 (each stage
-broadcasts its layers for the rollouts, the updates run 1F1B) and pp=2 x dp=2 under FSDP2 (4 ranks).
+exactly) and losses and gradient norms to 1e-5 relative; so does pp=2 (each stage broadcasts its
+layers for the rollouts, the updates run 1F1B). pp=2 x dp=2 under FSDP2 (4 ranks) matches dp=4:
+the CPU generator's rows are not exactly batch-invariant (see test_pp2_dp2_fsdp_matches_dp4).
 """
 
 from __future__ import annotations
@@ -204,12 +204,11 @@ def torchrun(world: Path, out: Path, *overrides: str, nproc: int = 2) -> subproc
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("layout, nproc", [("parallel.data_parallel=ddp", 2), ("parallel.data_parallel=fsdp", 2),
-                                           ("parallel.tp=2", 2), ("parallel.pp=2", 2), ("parallel.pp=2", 4)],
-                         ids=["dp2-ddp", "dp2-fsdp", "tp2", "pp2", "pp2-dp2-fsdp"])
-def test_several_processes_match_the_single_process_run(world, single, layout, nproc):
-    out = world / f"dist-{layout}-{nproc}"
-    proc = torchrun(world, out, layout, nproc=nproc)
+@pytest.mark.parametrize("layout", ["parallel.data_parallel=ddp", "parallel.data_parallel=fsdp", "parallel.tp=2",
+                                    "parallel.pp=2"], ids=["dp2-ddp", "dp2-fsdp", "tp2", "pp2"])
+def test_several_processes_match_the_single_process_run(world, single, layout):
+    out = world / f"dist-{layout}"
+    proc = torchrun(world, out, layout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     got, ref = metrics(out), metrics(single)
     # Step 1 starts from the same weights: the same trajectories, losses to 1e-5. After an update the
@@ -219,6 +218,22 @@ def test_several_processes_match_the_single_process_run(world, single, layout, n
     assert [r["step"] for r in got] == [r["step"] for r in ref]
     assert all(r["episodes"] == ref[0]["episodes"] and all(map(math.isfinite, r["losses"])) for r in got[1:])
     print(f"{layout}: max relative loss / grad-norm difference at step 1 {worst:.1e}")
+
+
+@pytest.mark.dist
+def test_pp2_dp2_fsdp_matches_dp4(world):
+    """pp=2 x dp=2 under FSDP2 (4 ranks) against dp=4 under DDP: both split the rollouts 4 ways, one
+    question per rank, so the trajectories are the same and the losses and grad norms agree to 1e-5.
+    (Not against the single process: the decode attention's contraction over the cache spans the
+    longest row of the generator's batch, so rounding follows the batch; in this world one tail
+    token of one episode flips when the 16 episodes are split 4 ways, none when split 2 ways.)"""
+    runs = {}
+    for name, layout in (("dp4", ["parallel.data_parallel=ddp"]), ("pp2-dp2", ["parallel.pp=2"])):
+        runs[name] = out = world / f"dist-{name}"
+        proc = torchrun(world, out, *layout, "train.rl.steps=1", nproc=4)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    worst = assert_same_run(metrics(runs["pp2-dp2"]), metrics(runs["dp4"]))
+    print(f"pp2 x dp2 FSDP2 vs dp4: max relative loss / grad-norm difference {worst:.1e}")
 
 
 @pytest.mark.dist
