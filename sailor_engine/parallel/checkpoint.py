@@ -111,11 +111,11 @@ def save_checkpoint(model: Transformer, path: str | Path, groups: ParallelGroups
     if writer and rank == 0:
         path.mkdir(parents=True, exist_ok=True)
         (path / MANIFEST).unlink(missing_ok=True)  # from here on the directory is "incomplete"
-        for stale in path.glob(".*.tmp-*"):  # a killed save's (_atomic): no rank writes before the barrier
+        for stale in path.glob(".*.tmp-*"):  # a killed save's (atomic_write): no rank writes before the barrier
             stale.unlink()
     _barrier(groups, group)
     if writer:
-        _atomic(path / fname, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        atomic_write(path / fname, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     everyone = [(fname, entries)]
     if group is not None:
         everyone = [None] * tp
@@ -137,7 +137,7 @@ def save_checkpoint(model: Transformer, path: str | Path, groups: ParallelGroups
         if optim_meta is not None:
             manifest["optim"] = {**optim_meta, "tensors": {k: r for k, r in records.items() if k.startswith("optim.")}}
         text = json.dumps(manifest, indent=1) + "\n"
-        _atomic(path / MANIFEST, lambda tmp: Path(tmp).write_text(text))
+        atomic_write(path / MANIFEST, lambda tmp: Path(tmp).write_text(text))
         _fsync_dir(path)
     _barrier(groups, group)  # nobody reads before the manifest exists
 
@@ -308,7 +308,7 @@ def _read_block(path: Path, handles: dict, name: str, rec: dict, want: Shard | N
     return t
 
 
-def _atomic(dest: Path, write) -> None:
+def atomic_write(dest: Path, write) -> None:
     """write(tmp) then fsync and rename onto dest: readers see the old file or the whole new one."""
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     try:

@@ -38,6 +38,7 @@ from rich.table import Table
 from sailor_engine.config import Config, ConfigError, load_config
 from sailor_engine.model import Tokenizer, save_hf
 from sailor_engine.model.tokenizer import SPECIAL_TOKENS
+from sailor_engine.parallel.checkpoint import atomic_write
 from sailor_engine.rollout.format import ChatTemplate
 from sailor_engine.synth.pipeline import load_world, summary, synthesize, write_world
 from sailor_engine.train.drills import copy_accuracy, copy_drills
@@ -170,9 +171,7 @@ def _claim(out: Path, cfg: Config) -> None:
     if any(out.iterdir()):
         raise ConfigError(f"{out}: not empty and not a demo run directory (no {path.name}); remove it or pass "
                           f"--set train.out_dir=<new dir>")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(mine)
-    tmp.rename(path)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(mine))
 
 
 def _base_model(cfg: Config, out: Path, vocab_size: int, rt, con: Console, stamp) -> Path:

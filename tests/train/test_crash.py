@@ -130,7 +130,7 @@ def test_sigkill_during_training_then_resume(world, uninterrupted):
     assert_same_checkpoint(out / "checkpoints" / f"step-{STEPS:08d}", uninterrupted / "checkpoints" / f"step-{STEPS:08d}")
 
 
-# Runs the trainer with parallel.checkpoint._atomic wrapped: at the checkpoint of step KILL_AT the
+# Runs the trainer with parallel.checkpoint.atomic_write wrapped: at the checkpoint of step KILL_AT the
 # process SIGKILLs itself, at the point named by WHERE:
 #   shard     inside the shard's write, the temporary file half written
 #   manifest  the shard renamed into place, the manifest not yet written
@@ -140,7 +140,7 @@ from sailor_engine.parallel import checkpoint
 from sailor_engine.train.__main__ import main
 
 where, kill_at = sys.argv[1], f"step-{int(sys.argv[2]):08d}"
-real = checkpoint._atomic
+real = checkpoint.atomic_write
 
 def die():
     sys.stdout.flush()
@@ -158,7 +158,7 @@ def atomic(dest, write):
             return real(dest, half)
     return real(dest, write)
 
-checkpoint._atomic = atomic
+checkpoint.atomic_write = atomic
 sys.exit(main(sys.argv[3:]))
 """
 
