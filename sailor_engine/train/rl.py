@@ -10,14 +10,12 @@ One RL step:
    With algo.dynamic_sampling (DAPO) further rounds draw the next questions of that permutation
    until questions_per_step informative groups are found or algo.max_sampling_rounds rounds ran
    (`step_rollouts`); the batch is then those groups (DynamicSampler), partial if they fall short.
-2. Rollouts: the questions are dealt to the dp ranks in contiguous blocks; each rank runs
-   algo.group_size ReAct episodes per question with the Generator on the trainer's own module
-   (eval mode, inference) + AgentLoop + a ToolRunner over the offline search / visit. Episode e of
-   the step (e = round * questions_per_step * G + task * G + sample) samples from the RNG seeded by
-   `episode_seed(seed, step, e)`, so a trajectory does not depend on which rank generated it.
-3. Rewards: every rank gathers all trajectories (all_gather_object over dp), scores them
-   (score_batch) and builds the same DUPO batch (build_batch, generator seeded by (algo.seed, step));
-   the slots are shuffled by the same generator and split into algo.updates_per_batch mini-batches.
+2. Rollouts (train/rollouts.py): algo.group_size ReAct episodes per question on the trainer's own
+   module, split over the dp x pp ranks, seeded per episode so that a trajectory does not depend on
+   which rank generated it, gathered on every rank.
+3. Rewards: every rank holds the same scores (offline, or an LLM judge asked once) and builds the
+   same DUPO batch (build_batch, generator seeded by (algo.seed, step)); the slots are shuffled by the
+   same generator and split into algo.updates_per_batch mini-batches.
 4. Updates: for each mini-batch, its sequences are dealt to the dp ranks and packed into
    micro-batches exactly as the RFT loop does (`deal`, `micro_batches`); rl_loss over the fused
    log-probs (temperature of the rollout) with old_logp = the sampling log-probs, normalised by
@@ -38,19 +36,9 @@ correct (or all wrong, solved_or_failed) is retired; every step's line has pool_
 pool_retired. A step draws all the pool holds when it holds fewer than questions_per_step; when it
 holds fewer than algo.updates_per_batch the run stops cleanly there (message, checkpoint, export).
 
-Tensor parallelism: the ranks of a tp group roll out the same episodes and must run every
-generator forward in lockstep, but the agent loop's batches follow tool timing (an episode resumes
-when its tool call is done). So with tp > 1 tool calls complete before submit returns
-(`colocate.Lockstep`): the schedule is then a function of the episodes alone, at the cost of not hiding
-tool latency behind decoding.
-
-Data parallelism: DDP, or FSDP2, whose parameters are gathered whole on every rank for the rollouts
-(`parallel.data.gathered`: one all-gather per step, no collective while generating) and sharded again
-for the updates. Pipeline parallelism: every rank builds the whole model and trains its stage's part;
-before the rollouts each stage broadcasts its parameters over the pp group (`whole_model`), the
-episodes are split over dp x pp, and the updates run the micro-batches through the stages by 1F1B
-(the statistics come from the last stage). Costs a whole copy of the weights (not of the optimizer
-state) per rank; with algo.kl_coef the last stage alone holds the reference and runs its whole forward.
+Layouts: tp, pp and DDP or FSDP2, for the rollouts as train/rollouts.py says. The updates run the
+micro-batches through the pipeline stages by 1F1B under pp (the statistics come from the last stage);
+with algo.kl_coef the last stage alone holds the reference and runs its whole forward.
 
 Optional terms (the papers use none): algo.judge, an LLM endpoint deciding the answers exact match
 rejects (`score_rollouts`); algo.kl_coef, a KL penalty to the policy RL started from
@@ -60,11 +48,9 @@ algo.entropy_coef, an entropy bonus through the fused kernel's differentiable en
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -76,22 +62,18 @@ from sailor_engine.env.tools import SearchTool, VisitTool
 from sailor_engine.kernels.logprob import fused_linear_logprob
 from sailor_engine.model import Tokenizer
 from sailor_engine.parallel.checkpoint import read_manifest
-from sailor_engine.parallel.data import gathered, grad_sync, set_grad_sync, unwrap
+from sailor_engine.parallel.data import grad_sync, set_grad_sync, unwrap
 from sailor_engine.parallel.pipeline import MicroBatch, PipelineStage, one_f_one_b, stage_layers
 from sailor_engine.rl.dupo import DynamicSampler, GroupBatch, RLBatch, build_batch, finalize
 from sailor_engine.rl.loss import global_norm, kl_penalty, rl_loss
-from sailor_engine.rl.judge import HttpJudge
-from sailor_engine.rl.rewards import RewardBatch, score_batch, score_batch_async
-from sailor_engine.rollout.agent import AgentLoop, Trajectory
 from sailor_engine.rollout.format import ChatTemplate
-from sailor_engine.rollout.generator import Generator, SamplingParams
 from sailor_engine.synth.pipeline import load_world
 from sailor_engine.train.batching import Sequence, pack
-from sailor_engine.train.colocate import Lockstep, block
 from sailor_engine.train.guards import NonFiniteGuard
 from sailor_engine.train.pool import QuestionPool, draw_order, prefilter_pass
 from sailor_engine.train.rft import (_ckpt_root, _Log, clip_, deal, finish, fresh_start, global_grad_norm,
                                      micro_batches, resume_latest, save_step)
+from sailor_engine.train.rollouts import Rollouts, episodes_per_step, merge_rollouts, roll_out
 from sailor_engine.train.schedule import lr_at
 from sailor_engine.train.setup import Runtime, build_model, build_optimizer, wrap_model
 
@@ -119,7 +101,7 @@ def check_rl_config(cfg: Config, rt: Runtime, num_tasks: int) -> None:
                           f"({a.updates_per_batch}): each mini-batch holds at least one group")
 
 
-# -- data order and seeds ------------------------------------------------------------------------
+# -- data order --------------------------------------------------------------------------------
 
 
 def step_tasks(step: int, num_tasks: int, count: int, seed: int) -> list[int]:
@@ -127,114 +109,7 @@ def step_tasks(step: int, num_tasks: int, count: int, seed: int) -> list[int]:
     return draw_order(seed, step, num_tasks)[:count]
 
 
-def episode_seed(seed: int, step: int, episode: int, episodes_per_step: int) -> int:
-    """Sampling seed of episode `episode` (= task * G + sample) of a step: distinct over (seed, step, episode)."""
-    return (seed * 1_000_003 + step) * episodes_per_step + episode
-
-
-def episodes_per_step(cfg: Config) -> int:
-    """Episodes a step may roll out: G per question, questions_per_step per round, rounds of dynamic sampling."""
-    rounds = cfg.algo.max_sampling_rounds if cfg.algo.dynamic_sampling else 1
-    return cfg.train.rl.questions_per_step * cfg.algo.group_size * rounds
-
-
-# -- rollouts ----------------------------------------------------------------------------------
-
-
-@dataclass
-class Rollouts:
-    trajs: list[Trajectory]  # every rank's, ordered by (task, sample)
-    scored: RewardBatch
-    wall_s: float  # the slowest rank's
-    decode_s: float
-    tool_wait_s: float
-
-
-def roll_out(model, runner: ToolRunner, tpl: ChatTemplate, system: str | None, tasks: list, step: int,
-             cfg: Config, rt: Runtime, first_episode: int = 0, stage=None) -> Rollouts:
-    """This rank's block of `tasks` x algo.group_size episodes, gathered over dp x pp and scored.
-
-    Episode e of `tasks` is episode first_episode + e of the step (a later dynamic-sampling round
-    starts past the earlier rounds' episodes), seeded by episode_seed over `episodes_per_step(cfg)`.
-    `stage`: the training module around `model` (FSDP2: its parameters are gathered for the rollouts,
-    on every dp rank, also one without episodes)."""
-    G, r = cfg.algo.group_size, cfg.rollout
-    # rollouts are split over dp x pp (every pp rank generates with the whole model); a tp group shares a block
-    lo, hi = block(len(tasks), rt.dp * rt.pp, rt.dp_rank * rt.pp + rt.pp_rank)
-    tic = time.perf_counter()
-    params = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
-                            seed=episode_seed(cfg.train.seed, step, first_episode + lo * G, episodes_per_step(cfg)))
-    max_len = r.max_context or model.cfg.max_position_embeddings
-    stats = {"decode_s": 0.0, "tool_wait_s": 0.0}
-    mine: list[Trajectory] = []
-    with gathered(stage if stage is not None else model, layers_reshard_after_forward=rt.pp == 1):
-        if rt.pp > 1:
-            whole_model(model, rt)
-        if hi > lo:
-            gen = Generator(model, max_batch=min(r.max_batch, (hi - lo) * G), max_seq_len=max_len)
-            loop = AgentLoop(gen, Lockstep(runner) if rt.tp > 1 else runner, tpl, params=params,
-                             max_turns=r.max_turns, system=system)
-            model.eval()
-            try:
-                mine = loop.run(tasks[lo:hi], group_size=G)
-            finally:
-                model.train()
-            stats = loop.stats
-    local = (mine, time.perf_counter() - tic, stats["decode_s"], stats["tool_wait_s"])
-    parts = [local]
-    for group, size in ((rt.groups.pp if rt.pp > 1 else None, rt.pp), (rt.dp_group, rt.dp)):
-        if group is not None:  # pp first, then dp: the blocks come back in (dp, pp) order
-            gathered_parts = [None] * size
-            dist.all_gather_object(gathered_parts, parts, group=group)
-            parts = [x for part in gathered_parts for x in part]
-    trajs = [t for part in parts for t in part[0]]
-    scored = score_rollouts(trajs, [t for t in tasks for _ in range(G)], cfg, rt)
-    return Rollouts(trajs, scored, max(p[1] for p in parts), max(p[2] for p in parts), max(p[3] for p in parts))
-
-
-def whole_model(model, rt: Runtime) -> None:
-    """Under pipeline parallelism, make `model` (the whole Transformer every rank builds; only its
-    stage's part is trained there) the current policy on every pp rank, for the rollouts: each
-    parameter is broadcast over the pp group from the stage that trains it (the embedding from the
-    first, the final norm and an untied LM head from the last). Same tp rank, same shard shapes."""
-    owners = [k for k, layers in enumerate(stage_layers(model.cfg, rt.pp)) for _ in layers]
-
-    def owner(name: str) -> int:
-        if name.startswith("embed_tokens."):
-            return 0
-        if name.startswith("layers."):
-            return owners[int(name.split(".")[1])]
-        return rt.pp - 1
-
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            dist.broadcast(p.data, src=dist.get_global_rank(rt.groups.pp, owner(name)), group=rt.groups.pp)
-
-
-def score_rollouts(trajs: list[Trajectory], tasks: list, cfg: Config, rt: Runtime) -> RewardBatch:
-    """Rewards of the step's trajectories (tasks[i]: the task of trajs[i]), the same on every rank.
-
-    Offline (exact match / F1) unless algo.judge is set. A judge is asked by global rank 0 alone, where
-    exact match failed on an extracted answer, and its verdicts are broadcast: every rank must build
-    the same DUPO batch, and an LLM endpoint asked twice need not answer twice alike (nor be up
-    twice). A call that fails after its retries keeps the exact-match verdict (judge_fallbacks)."""
-    texts, answers = [t.response for t in trajs], [[t.answer, *t.aliases] for t in tasks]
-    if cfg.algo.judge is None:
-        return score_batch(texts, answers, cfg.algo)
-    scored = None
-    if rt.rank == 0:
-        async def judged() -> RewardBatch:
-            async with HttpJudge(cfg.algo.judge) as judge:
-                batch = await score_batch_async(texts, answers, cfg.algo, judge=judge,
-                                                questions=[t.question for t in tasks])
-                batch.stats["judge_retries"] = judge.stats["retries"]
-                return batch
-        scored = asyncio.run(judged())
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [scored]
-        dist.broadcast_object_list(box, src=0)  # our own ranks' objects (pickle between trusted peers)
-        scored = box[0]
-    return scored
+# -- the step's batch ---------------------------------------------------------------------------
 
 
 def rl_batch(ro: Rollouts, cfg: Config, step: int,
@@ -271,18 +146,6 @@ def rl_batch(ro: Rollouts, cfg: Config, step: int,
 
 
 # -- the step's questions: pool draws, dynamic sampling, the pre-filter pass ---------------------
-
-
-def merge_rollouts(parts: list[Rollouts]) -> Rollouts:
-    """A step's rounds as one Rollouts: trajectories and scores concatenated in round order, times summed."""
-    if len(parts) == 1:
-        return parts[0]
-    sc = [p.scored for p in parts]
-    scored = RewardBatch(torch.cat([s.rewards for s in sc]), torch.cat([s.correct for s in sc]),
-                         torch.cat([s.format_ok for s in sc]), [x for s in sc for x in s.scores],
-                         {k: sum(s.stats.get(k, 0) for s in sc) for k in sc[0].stats})
-    return Rollouts([t for p in parts for t in p.trajs], scored, sum(p.wall_s for p in parts),
-                    sum(p.decode_s for p in parts), sum(p.tool_wait_s for p in parts))
 
 
 def step_rollouts(roll, pool: QuestionPool, step: int, cfg: Config) -> tuple[list[int], Rollouts, GroupBatch | None]:

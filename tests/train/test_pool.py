@@ -31,7 +31,8 @@ from sailor_engine.synth.pipeline import synthesize, write_world
 from sailor_engine.train import rl
 from sailor_engine.train.__main__ import main
 from sailor_engine.train.pool import QuestionPool, draw_order, prefilter_pass
-from sailor_engine.train.rl import Rollouts, step_tasks
+from sailor_engine.train.rl import step_tasks
+from sailor_engine.train.rollouts import Rollouts
 from tests.train.tiny import MODEL_YAML, SYNTH
 
 CONFIG = MODEL_YAML + """\

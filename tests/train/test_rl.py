@@ -28,7 +28,9 @@ import pytest
 
 from sailor_engine.synth.pipeline import synthesize, write_world
 from sailor_engine.train.__main__ import main
-from sailor_engine.train.rl import block, episode_seed, step_tasks
+from sailor_engine.train.colocate import block
+from sailor_engine.train.rl import step_tasks
+from sailor_engine.train.rollouts import episode_seed
 from tests.train.tiny import SYNTH
 
 CONFIG = """\
