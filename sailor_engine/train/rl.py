@@ -500,9 +500,8 @@ def _train(stage, model, net, opt, minis: list, step: int, cfg: Config, rt: Runt
             "losses": [x["loss"] for x in ups],
             "grad_norm": ups[-1]["grad_norm"], "grad_norms": [x["grad_norm"] for x in ups], "lr": ups[-1]["lr"],
             "loss_tokens": sum(x["loss_tokens"] for x in ups), "train_tokens": tokens,
-            "clip_frac_low": [x["clip_frac_low"] for x in ups], "clip_frac_high": [x["clip_frac_high"] for x in ups],
-            "entropy": [x["entropy"] for x in ups], "kl_old": [x["kl_old"] for x in ups],
-            **({"kl_ref": [x["kl_ref"] for x in ups]} if cfg.algo.kl_coef > 0 else {}),
+            **{k: [x[k] for x in ups] for k in ("clip_frac_low", "clip_frac_high", "entropy", "kl_old", "kl_ref")
+               if k in ups[0]},  # one entry per update; kl_ref with algo.kl_coef only
             # the first update's policy is the sampling policy: any difference is numerics
             "logp_mismatch_max": ups[0]["logp_mismatch_max"] if ups[0]["update"] == 0 else None,
             "time_train": dt, "train_tokens_per_s": tokens / dt}
