@@ -16,8 +16,9 @@ are what varies between evals; samples of one task are not independent of it); a
 mean p has variance at most p (1 - p), so the Wilson interval over the tasks bounds their mean
 conservatively, and stays honest at 0% or 100% where an empirical standard deviation is 0. Two
 policies on the same tasks are compared by the paired per-task differences, whose interval is far
-tighter than the two separate ones when the policies agree on most tasks. Sampled evals draw from seeds fixed by (seed, task, sample), the same for every policy,
-so paired comparisons also share their random numbers.
+tighter than the two separate ones when the policies agree on most tasks. Sampled evals draw from
+seeds fixed by (seed, task, sample), the same for every policy, so paired comparisons also share
+their random numbers.
 
 Under torchrun the tasks are dealt to the dp ranks in contiguous blocks and the results gathered
 (tp groups decode in lockstep, see colocate.py); every rank returns the whole result.

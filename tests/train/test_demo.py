@@ -24,7 +24,8 @@ TINY = (
     "synth.expert_min_tool_calls=1", "synth.expert_max_tokens=1600",
     "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=1", "model.num_heads=2",
     "model.num_kv_heads=1", "rollout.max_new_tokens=24", "rollout.max_turns=3", "rollout.max_batch=64",
-    "train.drill.steps=3", "train.rft.max_steps=3", "train.rft.batch_size=4", "train.checkpoint_every=0", "train.micro_batch_tokens=4096",
+    "train.drill.steps=3", "train.rft.max_steps=3", "train.rft.batch_size=4", "train.checkpoint_every=0",
+    "train.micro_batch_tokens=4096",
     "train.rl.steps=2", "train.rl.questions_per_step=2", "algo.group_size=2", "algo.zero_variance=reward_std",
     "train.eval_tasks=6", "train.eval_samples=2",
 )
