@@ -57,6 +57,7 @@ class RLConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     exclude_expert_tasks: Annotated[bool, Meta(description="Leave the tasks that have expert trajectories (the RFT data) out of the RL pool: RL on questions the RFT model memorised teaches little (synth.expert_fraction < 1 leaves the others).")] = False
     balance_hops: Annotated[bool, Meta(description="Keep as many pool tasks of each hop count as of the rarest one (the first ones of each, in file order): on a mostly 1-hop pool RL learns to answer after the first page and 2-hop accuracy falls (the demo's calibration).")] = False
     pool_refresh: Annotated[bool, Meta(description="During RL, retire a question whose latest group was all correct (also all wrong under algo.prefilter=solved_or_failed); no effect when algo.prefilter=none.")] = True
+    save_rollouts: Annotated[bool, Meta(description="Write every step's trajectories (tokens, sampling log-probs, tool calls, rewards) to out_dir/rollouts/step-NNNNNNNN.jsonl, from global rank 0 (train/rollouts.py: load_rollouts reads them). Tens of MB per step at the paper's scale.")] = False
 
 
 class DrillConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

@@ -73,7 +73,7 @@ from sailor_engine.train.guards import NonFiniteGuard
 from sailor_engine.train.pool import QuestionPool, draw_order, prefilter_pass
 from sailor_engine.train.rft import (_ckpt_root, _Log, clip_, deal, finish, fresh_start, global_grad_norm,
                                      micro_batches, resume_latest, save_step)
-from sailor_engine.train.rollouts import Rollouts, episodes_per_step, merge_rollouts, roll_out
+from sailor_engine.train.rollouts import Rollouts, episodes_per_step, merge_rollouts, roll_out, save_rollouts
 from sailor_engine.train.schedule import lr_at
 from sailor_engine.train.setup import Runtime, build_model, build_optimizer, wrap_model
 
@@ -428,6 +428,8 @@ def train_rl(cfg: Config, rt: Runtime) -> list[dict]:
                 _pool_exhausted(pool, step, cfg, rt)
                 break
             ids, ro, groups = step_rollouts(roll, pool, step, cfg)
+            if t.rl.save_rollouts and rt.rank == 0:
+                save_rollouts(t.out_dir, step + 1, ro)
             batch, minis = rl_batch(ro, cfg, step, groups)
             retired = (pool.update(ids, ro.scored.correct.view(-1, cfg.algo.group_size), cfg.algo.prefilter)
                        if t.rl.pool_refresh else [])

@@ -22,6 +22,9 @@ stage's part; before the rollouts each stage broadcasts its parameters over the 
 
 Rewards: offline exact match / F1, or with algo.judge an LLM endpoint asked by rank 0 where exact
 match rejected an extracted answer, its verdicts broadcast (`score_rollouts`).
+
+With train.rl.save_rollouts, global rank 0 writes each step's trajectories and scores to
+out_dir/rollouts/step-NNNNNNNN.jsonl (`save_rollouts`; `load_rollouts` reads them back, typed).
 """
 
 from __future__ import annotations
@@ -29,12 +32,15 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+import msgspec
 import torch
 import torch.distributed as dist
 
 from sailor_engine.config import Config
 from sailor_engine.env.runner import ToolRunner
+from sailor_engine.parallel.checkpoint import atomic_write
 from sailor_engine.parallel.data import gathered
 from sailor_engine.parallel.pipeline import stage_layers
 from sailor_engine.rl.judge import HttpJudge
@@ -42,6 +48,7 @@ from sailor_engine.rl.rewards import RewardBatch, score_batch, score_batch_async
 from sailor_engine.rollout.agent import AgentLoop, Trajectory
 from sailor_engine.rollout.format import ChatTemplate
 from sailor_engine.rollout.generator import Generator, SamplingParams
+from sailor_engine.synth.pipeline import read_jsonl
 from sailor_engine.train.colocate import Lockstep, block
 from sailor_engine.train.setup import Runtime
 
@@ -163,3 +170,40 @@ def merge_rollouts(parts: list[Rollouts]) -> Rollouts:
                          {k: sum(s.stats.get(k, 0) for s in sc) for k in sc[0].stats})
     return Rollouts([t for p in parts for t in p.trajs], scored, sum(p.wall_s for p in parts),
                     sum(p.decode_s for p in parts), sum(p.tool_wait_s for p in parts))
+
+
+class SavedRollout(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """One line of out_dir/rollouts/step-NNNNNNNN.jsonl: a trajectory as the update saw it, and its score."""
+
+    step: int  # 1-based, as in metrics.jsonl
+    reward: float
+    correct: bool
+    format_reason: str  # "ok" or the first format violation
+    judged: bool  # the verdict came from algo.judge
+    trajectory: Trajectory
+
+
+def rollouts_path(out_dir: str | Path, step: int) -> Path:
+    return Path(out_dir) / "rollouts" / f"step-{step:08d}.jsonl"
+
+
+def save_rollouts(out_dir: str | Path, step: int, ro: Rollouts) -> Path:
+    """Write the step's trajectories in (task, sample) order, one JSON line each, atomically (a resumed
+    run rewrites the steps it repeats). Every rank holds the same `ro`: call it on one."""
+    path = rollouts_path(out_dir, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    enc = msgspec.json.Encoder()
+    lines = [enc.encode(SavedRollout(step, s.reward, s.correct, s.format_reason, s.judged, t))
+             for t, s in zip(ro.trajs, ro.scored.scores, strict=True)]
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.writelines(line + b"\n" for line in lines)
+
+    atomic_write(path, write)
+    return path
+
+
+def load_rollouts(out_dir: str | Path, step: int) -> list[SavedRollout]:
+    """A step's saved trajectories; a malformed line is a ValueError naming the file and line."""
+    return read_jsonl(rollouts_path(out_dir, step), SavedRollout)
