@@ -356,6 +356,9 @@ class CachedAttention:
         self.cache.lengths[self.slots] = self.end
 
 
+_PV_CHUNK = 256  # keys per probs @ V product in OneTokenAttention (batch invariance, see there)
+
+
 class OneTokenAttention:
     """Attention of one new token per cache row (written already) over the row's prefix, batched.
 
@@ -416,5 +419,17 @@ class OneTokenAttention:
             self._bias = bias.repeat_interleave(kvh, dim=0)[:, None]  # (R * kv_heads, 1, K)
         scores = torch.baddbmm(self._bias, qg, keys_t, alpha=1 / math.sqrt(d))  # (R * kv_heads, g, K)
         probs = torch.softmax(scores, -1, dtype=torch.float32).to(vals.dtype)
-        out = torch.bmm(probs, vals).view(R, H, d)
+        if q.device.type == "cpu":
+            # probs @ V in fixed chunks of the key axis, summed in order. One bmm over all K keys rounds
+            # by K (MKL changes its blocking past ~350), and K is the batch's longest row: a row's output
+            # would follow its batch, which follows tool timing. Chunks past a row's end add exact
+            # zeros, and a chunk's own length (<= _PV_CHUNK) does not move its rounding, so each row's
+            # sums are its own. (CUDA: one bmm; cuBLAS picks kernels by shape anyway, batch invariance
+            # there would take kernels of its own.)
+            out = torch.bmm(probs[..., :_PV_CHUNK], vals[:, :_PV_CHUNK])
+            for c0 in range(_PV_CHUNK, K, _PV_CHUNK):
+                out.baddbmm_(probs[..., c0:c0 + _PV_CHUNK], vals[:, c0:c0 + _PV_CHUNK])
+        else:
+            out = torch.bmm(probs, vals)
+        out = out.view(R, H, d)
         return out if self.row_of_tok is None else out[self.row_of_tok]

@@ -397,7 +397,6 @@ def _rows2(f, x: Tensor) -> Tensor:
     """f(x) for a row-wise GEMM f, never on one row. MKL runs M = 1 as a GEMV whose sums round
     differently from the GEMM of M >= 2, so a generator row's logits would depend on whether it ran
     alone in its step, which follows tool timing; with it every row's GEMMs are the same whatever the
-    batch (checked for M = 2..64 on this CPU). Not yet the decode attention: its contraction over the
-    cache spans the batch's longest row, so a row's rounding still follows the batch (rarely a
-    sampled token: one in ~5k when a test's 16 episodes were split over 4 ranks instead of 1 or 2)."""
+    batch (checked for M = 2..64 on this CPU), and so is its decode attention (OneTokenAttention's
+    fixed key chunks): the RL trainer's trajectories do not depend on the rank or the batch."""
     return f(x.expand(2, *x.shape[1:]))[:1] if x.shape[0] == 1 else f(x)

@@ -162,11 +162,14 @@ def test_a_session_without_a_row_does_not_block_those_holding_one(hf_pair):
     assert done[c.id].token_ids == want.token_ids
 
 
-def test_a_row_does_not_depend_on_its_batch():
+@pytest.mark.parametrize("long_rows", [False, True], ids=["short", "long-rows"])
+def test_a_row_does_not_depend_on_its_batch(long_rows):
     """Bit for bit: the RL trainer's trajectories must not depend on which rank or batch sampled them.
     Eight 3-turn sampled sessions (prompt, then two observations each), all in one Generator or one
     per Generator (as they would run alone on a rank): a row alone in its step once ran its GEMMs as
-    GEMVs, which round differently (log-prob differences ~5e-5 here, enough to flip sampled tokens)."""
+    GEMVs, which round differently (log-prob differences ~5e-5 here, enough to flip sampled tokens).
+    long-rows: sessions 0 and 1 start from 900 and 500 tokens: in one batch, session 1's attention
+    contracts over session 0's longer span, which MKL once rounded differently past ~350 positions."""
     from sailor_engine.model import ModelConfig, Transformer
 
     cfg = ModelConfig(family="qwen2", qkv_bias=True, vocab_size=384, hidden_size=64, intermediate_size=128,
@@ -189,7 +192,8 @@ def test_a_row_does_not_depend_on_its_batch():
             for e in grp:
                 s = gen.open_session()
                 sess[s.id], turn[e], rngs[e], out[e] = e, 0, torch.Generator().manual_seed(7 + e), ([], [])
-                gen.submit(s, ids(20 + 7 * e, 100 + e), SamplingParams(max_new_tokens=12 + 3 * e), rng=rngs[e])
+                n = {0: 900, 1: 500}.get(e, 20 + 7 * e) if long_rows else 20 + 7 * e
+                gen.submit(s, ids(n, 100 + e), SamplingParams(max_new_tokens=12 + 3 * e), rng=rngs[e])
             while gen.has_work():
                 for s, c in gen.step():
                     e = sess[s.id]
