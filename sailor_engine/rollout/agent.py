@@ -91,7 +91,8 @@ class _Episode:
 class AgentLoop:
     def __init__(self, generator: Generator, runner, template: ChatTemplate, *, params: SamplingParams,
                  max_turns: int = 30, max_context: int | None = None, system: str | None = None):
-        """runner: an env.runner.ToolRunner (anything with `.tools` and `submit(name, args) -> Future`).
+        """runner: an env.runner.ToolRunner (anything with `.tools` and `submit(name, args) -> Future`,
+        optionally `ready(futures, wait)`, see `_ready`).
 
         max_context defaults to the generator's max_seq_len. system defaults to the template's
         system prompt listing the runner's tools.
@@ -136,11 +137,7 @@ class AgentLoop:
                     if call is not None:
                         pending[self.runner.submit(call.name, call.arguments)] = (ep, call.name)
                     live -= ep.status is not None
-            ready = [f for f in pending if f.done()]
-            if not ready and pending and not self.gen.has_work():
-                t0 = time.perf_counter()
-                ready, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
-                self.stats["tool_wait_s"] += time.perf_counter() - t0
+            ready = self._ready(list(pending), wait=not self.gen.has_work()) if pending else []
             for f in ready:
                 ep, name = pending.pop(f)
                 self._on_observation(ep, f.result())
@@ -148,6 +145,23 @@ class AgentLoop:
         for ep in eps:
             self.gen.close_session(ep.session)
         return [self._trajectory(ep) for ep in eps]
+
+    def _ready(self, pending: list[concurrent.futures.Future], wait: bool) -> list[concurrent.futures.Future]:
+        """The pending tool calls that are done, in submission order; with `wait` (nothing to decode),
+        at least one. A runner may decide this itself (`ready(futures, wait)`: train.colocate.GroupTools
+        makes it the same on every rank of a tp group)."""
+        t0 = time.perf_counter()
+        decide = getattr(self.runner, "ready", None)
+        if decide is not None:
+            ready = decide(pending, wait)
+        else:
+            ready = [f for f in pending if f.done()]
+            if not ready and wait:
+                concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+                ready = [f for f in pending if f.done()]
+        if wait:
+            self.stats["tool_wait_s"] += time.perf_counter() - t0
+        return ready
 
     # -- episode transitions -------------------------------------------------------------------
     def _continue(self, ep: _Episode, new_ids: list[int]) -> None:

@@ -21,7 +21,7 @@ seeds fixed by (seed, task, sample), the same for every policy, so paired compar
 their random numbers.
 
 Under torchrun the tasks are dealt to the dp ranks in contiguous blocks and the results gathered
-(tp groups decode in lockstep, see colocate.py); every rank returns the whole result.
+(a tp group runs one agent loop, its tools on the first rank: colocate.GroupTools); every rank returns the whole result.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from sailor_engine.rl.rewards import score_batch
 from sailor_engine.rollout.agent import AgentLoop
 from sailor_engine.rollout.format import ChatTemplate
 from sailor_engine.rollout.generator import Generator, SamplingParams
-from sailor_engine.train.colocate import Lockstep, block
+from sailor_engine.train.colocate import GroupTools, block
 
 Z95 = 1.959963984540054
 
@@ -204,7 +204,7 @@ def evaluate(model, web, tpl: ChatTemplate, tasks: Sequence, cfg: Config, rt=Non
             try:
                 for c in range(lo, hi, per):
                     p = msgspec.structs.replace(params, seed=seed * 1_000_003 + c * G)
-                    loop = AgentLoop(gen, Lockstep(runner) if tp > 1 else runner, tpl, params=p,
+                    loop = AgentLoop(gen, GroupTools(runner, rt.groups.tp) if tp > 1 else runner, tpl, params=p,
                                      max_turns=r.max_turns, system=system)
                     trajs += loop.run(tasks[c:min(c + per, hi)], group_size=G)
             finally:

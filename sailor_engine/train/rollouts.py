@@ -11,10 +11,10 @@ not depend on which rank generated it. Every rank then gathers all trajectories 
 over pp, then dp) and holds the same rewards (`score_rollouts`).
 
 Layouts. Tensor parallelism: the ranks of a tp group roll out the same episodes and must run every
-generator forward in lockstep, but the agent loop's batches follow tool timing (an episode resumes
-when its tool call is done). So with tp > 1 tool calls complete before submit returns
-(`colocate.Lockstep`): the schedule is then a function of the episodes alone, at the cost of not
-hiding tool latency behind decoding. FSDP2: the parameters are gathered whole on every rank for the
+generator forward together, but the agent loop's batches follow tool timing and tools need not
+answer every rank alike. So with tp > 1 the group's first rank runs the tool calls and decides,
+for every rank, when each is done (`colocate.GroupTools`): one broadcast per turn of the loop, tool
+latency still hidden behind decoding. FSDP2: the parameters are gathered whole on every rank for the
 rollouts (`parallel.data.gathered`: one all-gather per step, no collective while generating) and
 sharded again for the updates. Pipeline parallelism: every rank builds the whole model and trains its
 stage's part; before the rollouts each stage broadcasts its parameters over the pp group
@@ -49,7 +49,7 @@ from sailor_engine.rollout.agent import AgentLoop, Trajectory
 from sailor_engine.rollout.format import ChatTemplate
 from sailor_engine.rollout.generator import Generator, SamplingParams
 from sailor_engine.synth.pipeline import read_jsonl
-from sailor_engine.train.colocate import Lockstep, block
+from sailor_engine.train.colocate import GroupTools, block
 from sailor_engine.train.setup import Runtime
 
 
@@ -95,7 +95,7 @@ def roll_out(model, runner: ToolRunner, tpl: ChatTemplate, system: str | None, t
             whole_model(model, rt)
         if hi > lo:
             gen = Generator(model, max_batch=min(r.max_batch, (hi - lo) * G), max_seq_len=max_len)
-            loop = AgentLoop(gen, Lockstep(runner) if rt.tp > 1 else runner, tpl, params=params,
+            loop = AgentLoop(gen, GroupTools(runner, rt.groups.tp) if rt.tp > 1 else runner, tpl, params=params,
                              max_turns=r.max_turns, system=system)
             model.eval()
             try:

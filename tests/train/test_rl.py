@@ -258,6 +258,12 @@ def test_tp2_updates_match_the_single_process_on_the_same_trajectories(world, mo
     print(f"tp2: max relative loss / grad-norm difference at step 1 {worst:.1e}")
 
 
+@pytest.mark.dist
+def test_group_tools_run_each_call_once_per_tp_group(run_workers):
+    out = run_workers(Path(__file__).with_name("group_tools_worker.py"))
+    assert "group tools ok" in out, out
+
+
 def test_saved_rollouts_name_a_bad_line(tmp_path):
     path = rollouts_path(tmp_path, 3)
     path.parent.mkdir()
