@@ -206,6 +206,9 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=True)
 
 
+_ALIGN = 16  # positions: 64 bytes of fp32, the alignment MKL's kernels round the same way at (see OneTokenAttention)
+
+
 class KVCache:
     """A preallocated slab KV cache: one (max_seq_len)-long row per slot, for every layer.
 
@@ -213,14 +216,16 @@ class KVCache:
     that one-token decode multiplies q (g, d) @ K^T (d, k_max) with no transpose (that product runs
     ~1.4x faster than over (k_max, d) rows on CPU, where decode attention is bound by walking the cache).
     v: (num_layers, num_slots, num_kv_heads, max_seq_len, head_dim), as attention reads it.
+    (The position axis is allocated rounded up to a multiple of _ALIGN: see OneTokenAttention.)
     lengths: (num_slots,) int64, the number of valid positions in each slot. A slot is freed by
     setting its length to 0 (no copy).
     """
 
     def __init__(self, num_layers: int, num_slots: int, max_seq_len: int, num_kv_heads: int, head_dim: int,
                  *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        self.k = torch.zeros(num_layers, num_slots, num_kv_heads, head_dim, max_seq_len, dtype=dtype, device=device)
-        self.v = torch.zeros(num_layers, num_slots, num_kv_heads, max_seq_len, head_dim, dtype=dtype, device=device)
+        cap = -(-max_seq_len // _ALIGN) * _ALIGN
+        self.k = torch.zeros(num_layers, num_slots, num_kv_heads, head_dim, cap, dtype=dtype, device=device)
+        self.v = torch.zeros(num_layers, num_slots, num_kv_heads, cap, head_dim, dtype=dtype, device=device)
         self.lengths = torch.zeros(num_slots, dtype=torch.int64, device=device)
         self.max_seq_len = max_seq_len
 
@@ -380,7 +385,12 @@ class OneTokenAttention:
         self.hi = int(slots.max()) + 1 if hi is None else hi
         if contiguous is None:
             contiguous = self.hi - self.lo == len(slots) and bool((slots == torch.arange(self.lo, self.hi, device=dev)).all())
-        self.direct, self.k_max = contiguous, int(start.max()) + 1
+        # Keys attended: up to the longest row, rounded up to a multiple of _ALIGN (the extra ones are
+        # masked like any past a row's end), so that rows of the scores and probs start 64-byte aligned
+        # whatever K is: MKL's bmm rounds unaligned rows differently (CPU), and a row's output must not
+        # depend on its batch's longest row or on this call's path (views of the span or copies).
+        self.direct = contiguous
+        self.k_max = min(-(-(int(start.max()) + 1) // _ALIGN) * _ALIGN, cache.k.shape[-1])
         # few rows scattered over a wide span (the tail of a rollout, sessions parked on tools): copying
         # the S rows out beats walking all R rows of the span once R > 3 S (CPU: even at R = 3 S,
         # 2.4x faster at R = 7 S)

@@ -175,3 +175,27 @@ def test_cuda_backends_match_sdpa(backend):
         with torch.no_grad():
             outs[b] = model.forward_packed(torch.cat(seqs).cuda(), cu_of(seqs).cuda()).float()
     torch.testing.assert_close(outs[backend], outs["sdpa"], atol=3e-2, rtol=3e-2)
+
+
+def test_one_token_attention_of_a_row_does_not_depend_on_the_other_rows():
+    """Bit for bit, on CPU: a decode row's attention is the same alone or among other rows, whatever
+    their lengths (K, the longest, sets the scores' row length) and slots (views of the cache span,
+    or copies when few rows are scattered over it). The generator's rows meet by tool timing, so
+    anything else makes RL trajectories depend on it. Rows of odd length (not 64-byte aligned) once
+    made MKL's bmm round a row differently (~4e-9 here)."""
+    from sailor_engine.model.attention import KVCache, OneTokenAttention
+
+    torch.manual_seed(0)
+    cache = KVCache(1, 24, 2040, 2, 32)  # capacity not a multiple of 16 either
+    cache.k.normal_()
+    cache.v.normal_()
+    q = torch.randn(24, 4, 32)
+    alone = OneTokenAttention(cache, torch.tensor([23]), torch.tensor([1283]))(0, q[23:])[0]
+    rng = torch.Generator().manual_seed(1)
+    for trial in range(60):
+        others = torch.randperm(23, generator=rng)[: 1 + trial % 20]
+        slots = torch.cat([others, torch.tensor([23])])[torch.randperm(len(others) + 1, generator=rng)]
+        start = torch.randint(1, 2039, (len(slots),), generator=rng)
+        start[slots == 23] = 1283
+        out = OneTokenAttention(cache, slots, start)(0, q[slots])
+        assert torch.equal(out[slots == 23][0], alone), (trial, slots.tolist(), start.tolist())
