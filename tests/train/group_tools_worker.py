@@ -62,7 +62,9 @@ def main() -> int:
         failures.append(f"rank {rank} saw {seen}")
     if sorted(calls) != (["a", "flaky", "slow"] if rank == 0 else []):
         failures.append(f"rank {rank}'s tool ran {calls}")
-    return report(failures, {}, ok_line="group tools ok")
+    code = report(failures, {}, ok_line="group tools ok")
+    dist.destroy_process_group()
+    return code
 
 
 if __name__ == "__main__":
