@@ -7,6 +7,7 @@ temperature-1 sampling (the RL rollouts' setting), where outputs cannot be compa
 
     python benchmarks/bench_generate.py                       # CPU default: demo-sized model, 1 thread
     python benchmarks/bench_generate.py --batch 128 --mode sample
+    python benchmarks/bench_generate.py --prompt-len 600 1000 --new-tokens 64   # rollout-length rows
     python benchmarks/bench_generate.py --device cuda --hidden 1024 --layers 16 --batch 64
 
 Timing on a shared machine: the two implementations alternate, rep by rep, so a change in load
@@ -42,6 +43,8 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompt-len", type=int, nargs=2, default=(16, 96), metavar=("MIN", "MAX"),
+                    help="prompt lengths drawn from [MIN, MAX) (the RL rollouts' rows run to ~1-2k tokens)")
     ap.add_argument("--mode", choices=("greedy", "sample"), default="greedy",
                     help="greedy (outputs compared) or temperature-1 sampling, no top-p / top-k")
     ap.add_argument("--reps", type=int, default=5)
@@ -56,7 +59,7 @@ def main() -> None:
     cfg = transformers.Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 3,
                                    num_hidden_layers=args.layers, num_attention_heads=args.heads,
                                    num_key_value_heads=max(1, args.heads // 2), tie_word_embeddings=True,
-                                   max_position_embeddings=1024)
+                                   max_position_embeddings=max(1024, args.prompt_len[1] + args.new_tokens))
     hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     with torch.no_grad():  # sharper than the 0.02 init, so greedy paths are not ties
         for p in hf.parameters():
@@ -66,7 +69,7 @@ def main() -> None:
         ours = load_hf(d, device=args.device).eval()
     hf = hf.to(args.device)
     g = torch.Generator().manual_seed(1)
-    lens = torch.randint(16, 96, (args.batch,), generator=g).tolist()
+    lens = torch.randint(*args.prompt_len, (args.batch,), generator=g).tolist()
     prompts = [torch.randint(1, args.vocab, (n,), generator=g).tolist() for n in lens]
     n_new = args.new_tokens
     greedy = args.mode == "greedy"
