@@ -179,7 +179,8 @@ def merge_rollouts(parts: list[Rollouts]) -> Rollouts:
 
 
 class SavedRollout(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    """One line of out_dir/rollouts/step-NNNNNNNN.jsonl: a trajectory as the update saw it, and its score."""
+    """One line of out_dir/rollouts/step-NNNNNNNN.jsonl: a trajectory of the step and its score (every
+    round of algo.dynamic_sampling, also groups the batch left out)."""
 
     step: int  # 1-based, as in metrics.jsonl
     reward: float
