@@ -212,6 +212,9 @@ class AgentLoop:
 
     def _finish(self, ep: _Episode, status: Status, answer: str | None = None) -> None:
         ep.status, ep.answer, ep.t1 = status, answer, time.perf_counter()
+        # its cache row is free at once: kept, it would be the LRU victim evicted for a waiting episode
+        # only after some episode parked on a tool, which must then prefill its whole history again
+        self.gen.close_session(ep.session)
 
     def _trajectory(self, ep: _Episode) -> Trajectory:
         return Trajectory(

@@ -128,6 +128,16 @@ def test_episodes_call_tools_and_answer_token_exactly(tok):
         assert t.prompt_len == len(prompt)
 
 
+def test_a_finished_episode_frees_its_cache_row_at_once(tok):
+    """Six episodes on three cache rows that answer at once: the last three take the rows the first
+    three freed, nothing is evicted (a finished episode holding its row would be evicted in place of
+    one parked on a tool, which would then prefill its whole history again)."""
+    tasks = [Task(f"t{i}", "What is key alpha?") for i in range(3)]
+    trajs, loop = run(tok, lambda text, turn: "<think>known</think><answer>42</answer>", tasks, group_size=2)
+    assert [t.status for t in trajs] == ["answered"] * 6 and loop.gen.stats["evictions"] == 0
+    assert not loop.gen.sessions and len(loop.gen.free_slots) == 3
+
+
 def test_malformed_turns_become_observations_then_answer_now(tok):
     def script(text, turn):
         return "<answer>gave up</answer>" if ANSWER_NOW in text else "I will just ramble."
