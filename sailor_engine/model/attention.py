@@ -209,6 +209,10 @@ def _compiled_flex():
 _ALIGN = 16  # positions: 64 bytes of fp32, the alignment MKL's kernels round the same way at (see OneTokenAttention)
 
 
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
 class KVCache:
     """A preallocated slab KV cache: one (max_seq_len)-long row per slot, for every layer.
 
@@ -223,7 +227,7 @@ class KVCache:
 
     def __init__(self, num_layers: int, num_slots: int, max_seq_len: int, num_kv_heads: int, head_dim: int,
                  *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        cap = -(-max_seq_len // _ALIGN) * _ALIGN
+        cap = _aligned(max_seq_len)
         self.k = torch.zeros(num_layers, num_slots, num_kv_heads, head_dim, cap, dtype=dtype, device=device)
         self.v = torch.zeros(num_layers, num_slots, num_kv_heads, cap, head_dim, dtype=dtype, device=device)
         self.lengths = torch.zeros(num_slots, dtype=torch.int64, device=device)
@@ -390,7 +394,7 @@ class OneTokenAttention:
         # whatever K is: MKL's bmm rounds unaligned rows differently (CPU), and a row's output must not
         # depend on its batch's longest row or on this call's path (views of the span or copies).
         self.direct = contiguous
-        self.k_max = min(-(-(int(start.max()) + 1) // _ALIGN) * _ALIGN, cache.k.shape[-1])
+        self.k_max = min(_aligned(int(start.max()) + 1), cache.k.shape[-1])
         # few rows scattered over a wide span (the tail of a rollout, sessions parked on tools): copying
         # the S rows out beats walking all R rows of the span once R > 3 S (CPU: even at R = 3 S,
         # 2.4x faster at R = 7 S)

@@ -142,9 +142,7 @@ class AgentLoop:
                 ep, name = pending.pop(f)
                 self._on_observation(ep, f.result())
                 live -= ep.status is not None
-        for ep in eps:
-            self.gen.close_session(ep.session)
-        return [self._trajectory(ep) for ep in eps]
+        return [self._trajectory(ep) for ep in eps]  # every session closed as its episode finished
 
     def _ready(self, pending: list[concurrent.futures.Future], wait: bool) -> list[concurrent.futures.Future]:
         """The pending tool calls that are done, in submission order; with `wait` (nothing to decode),

@@ -21,7 +21,8 @@ seeds fixed by (seed, task, sample), the same for every policy, so paired compar
 their random numbers.
 
 Under torchrun the tasks are dealt to the dp ranks in contiguous blocks and the results gathered
-(a tp group runs one agent loop, its tools on the first rank: colocate.GroupTools); every rank returns the whole result.
+(a tp group runs one agent loop, its tools on the first rank: colocate.GroupTools); every rank
+returns the whole result.
 """
 
 from __future__ import annotations
@@ -199,13 +200,13 @@ def evaluate(model, web, tpl: ChatTemplate, tasks: Sequence, cfg: Config, rt=Non
             gen = Generator(model, max_batch=min(r.max_batch, (hi - lo) * G),
                             max_seq_len=r.max_context or model.cfg.max_position_embeddings)
             trajs = []
+            tools = GroupTools(runner, rt.groups.tp) if tp > 1 else runner
             was_training = model.training
             model.eval()
             try:
                 for c in range(lo, hi, per):
                     p = msgspec.structs.replace(params, seed=seed * 1_000_003 + c * G)
-                    loop = AgentLoop(gen, GroupTools(runner, rt.groups.tp) if tp > 1 else runner, tpl, params=p,
-                                     max_turns=r.max_turns, system=system)
+                    loop = AgentLoop(gen, tools, tpl, params=p, max_turns=r.max_turns, system=system)
                     trajs += loop.run(tasks[c:min(c + per, hi)], group_size=G)
             finally:
                 model.train(was_training)

@@ -203,14 +203,9 @@ def save_rollouts(out_dir: str | Path, step: int, ro: Rollouts) -> Path:
     path = rollouts_path(out_dir, step)
     path.parent.mkdir(parents=True, exist_ok=True)
     enc = msgspec.json.Encoder()
-    lines = [enc.encode(SavedRollout(step, s.reward, s.correct, s.format_reason, s.judged, t))
-             for t, s in zip(ro.trajs, ro.scored.scores, strict=True)]
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            f.writelines(line + b"\n" for line in lines)
-
-    atomic_write(path, write)
+    data = b"".join(enc.encode(SavedRollout(step, s.reward, s.correct, s.format_reason, s.judged, t)) + b"\n"
+                    for t, s in zip(ro.trajs, ro.scored.scores, strict=True))
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
     return path
 
 
