@@ -362,9 +362,7 @@ class FusedWeights:
             out = attn(a.layer_idx, q, k, qkv[:, Hq + Hkv :])
             x = _residual_matmul(x, out.reshape(N, -1), w["o_t"], w["o_b"])
             gu = _matmul(rms_norm(x, layer.post_attention_layernorm.weight, eps), w["gu_t"], w["gu_b"])
-            inter = gu.shape[-1] // 2
-            act = F.silu(gu[:, :inter], inplace=True).mul_(gu[:, inter:])  # in gu's gate half: no new (N, I)
-            x = _residual_matmul(x, act, w["down_t"], w["down_b"])
+            x = _residual_matmul(x, _swiglu_(gu), w["down_t"], w["down_b"])
         return rms_norm(x, m.norm.weight, eps)
 
 
@@ -393,11 +391,28 @@ def _residual_matmul(res: Tensor, x: Tensor, w_t: Tensor, b: Tensor | None) -> T
     return torch.addmm(res, x, w_t) if b is None else res + torch.addmm(b, x, w_t)
 
 
+_GRAIN = 32768  # ATen's at::internal::GRAIN_SIZE: an elementwise op on fewer elements runs on one thread
+
+
+def _swiglu_(gu: Tensor) -> Tensor:
+    """SiLU(gate) * up for gu = [gate | up] (N, 2I), written into gu's gate half (no new (N, I)).
+
+    On CPU in blocks of rows below ATen's grain: one op on more elements is split between threads at
+    an offset that follows N, mid-row, and the piece before each split ends in the scalar exp, which
+    rounds unlike the vector one; so a generator row would follow its batch. Within a block every row
+    takes the same path (the gate half is strided, so the kernel loops row by row)."""
+    inter = gu.shape[-1] // 2
+    rows = max(1, (_GRAIN - 1) // inter) if gu.is_cpu else gu.shape[0]
+    for block in gu.split(rows) if gu.shape[0] > rows else (gu,):
+        F.silu(block[:, :inter], inplace=True).mul_(block[:, inter:])
+    return gu[:, :inter]
+
+
 def _rows2(f, x: Tensor) -> Tensor:
     """f(x) for a row-wise GEMM f, never on one row. MKL runs M = 1 as a GEMV whose sums round
     differently from the GEMM of M >= 2, so a generator row's logits would depend on whether it ran
     alone in its step, which follows tool timing; with it every row's GEMMs are the same whatever the
     batch (checked for M = 2..1200 and every row position on this CPU), and so is its decode attention
-    (OneTokenAttention: fixed key chunks, aligned rows). On one intra-op thread: with more, ATen splits
-    the elementwise ops (SiLU) at batch-dependent offsets (see train/rollouts.py)."""
+    (OneTokenAttention: fixed key chunks, aligned rows) and SwiGLU (blocks of rows below ATen's
+    grain), on any number of intra-op threads."""
     return f(x.expand(2, *x.shape[1:]))[:1] if x.shape[0] == 1 else f(x)

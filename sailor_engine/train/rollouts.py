@@ -10,11 +10,9 @@ task * G + sample) samples from the RNG seeded by `episode_seed(seed, step, e)`,
 not depend on which rank generated it. Every rank then gathers all trajectories (all_gather_object
 over pp, then dp) and holds the same rewards (`score_rollouts`).
 
-Bitwise on CPU with one intra-op thread (torchrun's default OMP_NUM_THREADS=1), since a generator
-row's numerics do not depend on the rows it shares a step with (model/attention.py,
-OneTokenAttention). Two exceptions: with more threads, ATen splits elementwise ops (SiLU's exp,
-RoPE's cos / sin) across threads at offsets that follow the step's token count, and their scalar
-and vector paths round differently; and when a rank holds more episodes than rollout.max_batch cache
+Bitwise on CPU, on any number of intra-op threads, since a generator row's numerics do not depend
+on the rows it shares a step with (model/attention.py, OneTokenAttention; model/transformer.py,
+_rows2 and _swiglu_). One exception: when a rank holds more episodes than rollout.max_batch cache
 rows, an episode parked on a tool may lose its row and re-prefill its history when it resumes, which
 rounds unlike the incremental decode. The trajectory then follows tool timing in its last bits
 (sampling log-probs ~1e-7 apart, rarely a sampled token).

@@ -162,17 +162,32 @@ def test_a_session_without_a_row_does_not_block_those_holding_one(hf_pair):
     assert done[c.id].token_ids == want.token_ids
 
 
-@pytest.mark.parametrize("long_rows", [False, True], ids=["short", "long-rows"])
-def test_a_row_does_not_depend_on_its_batch(long_rows):
+@pytest.fixture
+def two_threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("case", ["short", "long-rows", "two-threads"])
+def test_a_row_does_not_depend_on_its_batch(case, request):
     """Bit for bit: the RL trainer's trajectories must not depend on which rank or batch sampled them.
     Eight 3-turn sampled sessions (prompt, then two observations each), all in one Generator or one
     per Generator (as they would run alone on a rank): a row alone in its step once ran its GEMMs as
     GEMVs, which round differently (log-prob differences ~5e-5 here, enough to flip sampled tokens).
     long-rows: sessions 0 and 1 start from 900 and 500 tokens: in one batch, session 1's attention
-    contracts over session 0's longer span, which MKL once rounded differently past ~350 positions."""
+    contracts over session 0's longer span, which MKL once rounded differently past ~350 positions.
+    two-threads: long rows, the demo's widths (SwiGLU 352, head_dim 32) and two intra-op threads, where
+    ATen splits an elementwise op between threads at an offset that follows the step's token count, and
+    each thread's tail goes through the scalar exp, which rounds unlike the vector one."""
     from sailor_engine.model import ModelConfig, Transformer
 
-    cfg = ModelConfig(family="qwen2", qkv_bias=True, vocab_size=384, hidden_size=64, intermediate_size=128,
+    long_rows = case != "short"
+    width = dict(hidden_size=128, intermediate_size=352) if case == "two-threads" else dict(hidden_size=64, intermediate_size=128)
+    if case == "two-threads":
+        request.getfixturevalue("two_threads")
+    cfg = ModelConfig(family="qwen2", qkv_bias=True, vocab_size=384, **width,
                       num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=2048)
     torch.manual_seed(0)
     model = Transformer(cfg).eval()

@@ -52,21 +52,8 @@ train:
 RFT_EPOCHS = 100  # 21 experts / 6 = 3 steps per epoch: the decoder memorises them (loss ~0.006)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Every run here on one intra-op thread, as the torchrun workers (OMP_NUM_THREADS=1): with more, ATen
-    splits elementwise ops (SiLU's exp) across threads at offsets that follow a step's token count, and
-    its scalar and vector paths round differently, so a generator row would follow its batch again."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, one_thread) -> Path:
+def world(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("rl")
     w = synthesize(SYNTH)
     seen = {t.task_id for t in w.experts}
