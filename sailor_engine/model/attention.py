@@ -3,7 +3,7 @@
     PaddedAttention   (B, T) batches, optional key-padding mask         -> SDPA
     VarlenAttention   a packed token stream split by cu_seqlens          -> flash-attn | xformers | flex | sdpa
     CachedAttention   new tokens appended to a slab KV cache, per slot   -> batched one-token matmuls
-                                                                           (OneTokenAttention) | SDPA
+                                                                           (OneTokenAttention; CPU) | SDPA
 
 Each is a small callable `ctx(layer_idx, q, k, v) -> out` built once per forward by the model, so a
 decoder layer never needs to know which mode it runs in. q: (..., num_heads, head_dim),
@@ -253,9 +253,12 @@ class CachedAttention:
 
     Three ways to attend, all reading the cache rows in place:
     - every chunk one token (a decode step): OneTokenAttention over all rows, batched;
-    - CPU, some chunk longer: one SDPA call per longer chunk, on that row's own keys only (no padding
-      of short chunks to the longest: a 100-token tool response resumed next to 63 one-token decodes
-      costs 100 queries, not 64 x 100), while the one-token rows still go through OneTokenAttention;
+    - CPU, some chunk longer: per longer chunk, its queries as rows of their own over that row's keys,
+      with OneTokenAttention's arithmetic (_attend_rows), in blocks of _Q_BLOCK queries; the one-token
+      rows still go through OneTokenAttention. So a token's K, V and output do not depend on how its
+      sequence was chunked (prompt, tool response, decode, or a whole history re-prefilled after an
+      eviction); SDPA's flash kernel rounded unlike the decode. No padding of short chunks to the
+      longest: a 100-token tool response next to 63 decodes costs 100 queries, not 64 x 100;
     - CUDA, some chunk longer: one padded SDPA over the span of cache rows [lo, hi) (a kernel launch per
       sequence would cost more there). Rows of the span not in this call get one dummy query that sees
       one key; their outputs are dropped.
@@ -314,10 +317,16 @@ class CachedAttention:
             self.one = OneTokenAttention(self.cache, self.slots[single], start[single])
         # (first token, chunk length, start position, slot) of every row attended on its own
         rows = zip(cu_seqlens[:-1].tolist(), n.tolist(), start.tolist(), self.slots.tolist())
-        self.rows = [r for r in rows if r[1] > 1 or (r[1] == 1 and self.one is None)]
-        # tri[j, c] = c <= j + K: the slice tri[:n, K - start : K + n] is the causal mask of n queries at
-        # positions start.. over keys 0..start+n-1, as a view (no op per sequence)
-        self.tri = torch.ones(self.q_max, K + self.q_max, dtype=torch.bool, device=dev).tril(K)
+        rows = [r for r in rows if r[1] > 1 or (r[1] == 1 and self.one is None)]
+        # (first token, start position, slot, first query, queries, keys) of every block of queries
+        cap = self.cache.k.shape[-1]
+        self.blocks = [(t0, st, slot, j0, min(_Q_BLOCK, n - j0), min(_aligned(st + min(n, j0 + _Q_BLOCK)), cap))
+                       for t0, n, st, slot in rows for j0 in range(0, n, _Q_BLOCK)]
+        self._bias: list[Tensor] = []  # per block, built at the first layer
+        self._bias_dtype: torch.dtype | None = None
+        # tri[j, c] = c <= j + K: the slice tri[j0:j1, K - start : K - start + k] is the causal mask of
+        # queries j0..j1 at positions start + j over keys 0..k-1, as a view (no op per sequence)
+        self.tri = torch.ones(self.q_max, K + self.q_max + _ALIGN, dtype=torch.bool, device=dev).tril(K)
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         c = self.cache
@@ -326,7 +335,7 @@ class CachedAttention:
         if self.decode:
             return self.one(layer, q)
         if self.per_seq:
-            return self._per_sequence(layer, q, k, v)
+            return self._per_sequence(layer, q)
         # (R, kv_heads, k_max, d): a copy, since SDPA on the transposed view is ~4x slower on CPU (and
         # CUDA's fused kernels need a unit-stride last dim)
         keys = c.k[layer, self.lo:self.hi, :, :, : self.k_max].transpose(-1, -2).to(q.dtype).contiguous()
@@ -340,25 +349,38 @@ class CachedAttention:
         out = out.transpose(1, 2)  # (R, q_max, heads, d)
         return out[:, 0] if self.direct else out[self.row_of_tok, self.offset]
 
-    def _per_sequence(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """CPU path of a call with chunks longer than one token (see the class docstring). A chunk
-        starting an empty slot attends causally to its own k, v; a resumed one reads its cached prefix
-        (keys copied out of the transposed layout: SDPA on the strided view is ~4x slower)."""
-        c, K = self.cache, self.k_max
+    def _per_sequence(self, layer: int, q: Tensor) -> Tensor:
+        """CPU path of a call with chunks longer than one token (see the class docstring). Each query
+        of a chunk is a row of its own, attended with OneTokenAttention's arithmetic (_attend_rows)
+        over the keys up to its position, in blocks of _Q_BLOCK queries (bounds the scores): so a
+        token's K, V and output are the same whether it came in a long chunk, a short one or a decode
+        step, and a history re-prefilled after its cache row was taken equals the one decoded."""
+        c = self.cache
         out = q.new_empty(q.shape)
         if self.one is not None:
             out[self.one_tok] = self.one(layer, q[self.one_tok])
-        for t0, n, st, slot in self.rows:
-            qs = q[t0 : t0 + n].transpose(0, 1)[None]  # (1, heads, n, d)
-            if st == 0:
-                keys, vals, mask = k[t0 : t0 + n].transpose(0, 1), v[t0 : t0 + n].transpose(0, 1), None
-            else:
-                keys = c.k[layer, slot, :, :, : st + n].transpose(-1, -2).to(q.dtype).contiguous()  # (kv_heads, end, d)
-                vals = c.v[layer, slot, :, : st + n].to(q.dtype)
-                mask = self.tri[:n, K - st : K + n]  # (n, end)
-            o = _sdpa(qs, keys[None], vals[None], attn_mask=mask, is_causal=mask is None)
-            out[t0 : t0 + n] = o[0].transpose(0, 1)
+        H, d = q.shape[1:]
+        kvh = c.k.shape[2]
+        g = H // kvh
+        if self._bias_dtype != q.dtype:
+            self._bias = [self._block_bias(st, j0, m, K, g, q.dtype) for _, st, _, j0, m, K in self.blocks]
+            self._bias_dtype = q.dtype
+        for (t0, st, slot, j0, m, K), bias in zip(self.blocks, self._bias):
+            keys_t = c.k[layer, slot, :, :, :K].to(q.dtype)  # (kv_heads, d, K), a view
+            vals = c.v[layer, slot, :, :K].to(q.dtype)  # (kv_heads, K, d)
+            qg = q[t0 + j0 : t0 + j0 + m].view(m, kvh, g, d).transpose(0, 1).reshape(kvh, m * g, d)
+            o = _attend_rows(qg, keys_t, vals, bias, st + j0 + 1)  # (kv_heads, m * g, d)
+            out[t0 + j0 : t0 + j0 + m] = o.view(kvh, m, g, d).transpose(0, 1).reshape(m, H, d)
         return out
+
+    def _block_bias(self, st: int, j0: int, m: int, K: int, g: int, dtype: torch.dtype) -> Tensor:
+        """(1, m * g, K - col0) bias of queries j0.. of a chunk at positions st + j0.. over keys col0 =
+        st + j0 + 1 .. K - 1 (the keys before col0 are visible to them all): query j sees keys <= st + j,
+        i.e. tri[j, c + K_all - st]."""
+        col0, shift = st + j0 + 1, self.k_max - st
+        visible = self.tri[j0 : j0 + m, col0 + shift : K + shift]
+        bias = torch.zeros(m, g, K - col0, dtype=dtype, device=visible.device)
+        return bias.masked_fill_(~visible[:, None], -math.inf).view(1, m * g, K - col0)
 
     def commit(self) -> None:
         """Advance the slots' lengths once every layer has written its keys and values."""
@@ -366,6 +388,36 @@ class CachedAttention:
 
 
 _PV_CHUNK = 256  # keys per probs @ V product in OneTokenAttention (batch invariance, see there)
+_Q_BLOCK = 256  # queries per block in CachedAttention's CPU path for longer chunks
+
+
+def _attend_rows(qg: Tensor, keys_t: Tensor, vals: Tensor, bias: Tensor, col0: int = 0) -> Tensor:
+    """The arithmetic of every CPU cached-attention row (OneTokenAttention, and CachedAttention's
+    longer chunks): qg (B, M, d) query rows over keys_t (B, d, K), vals (B, K, d), with an additive
+    bias broadcastable to (B, M, K - col0) on keys col0.. (0, or -inf for a hidden key; keys before
+    col0 are visible to every row, and adding 0 to them would change nothing) -> (B, M, d).
+
+    scores = (qg / sqrt(d)) K^T + bias, fp32 softmax, @ V. A row's result depends on its own query,
+    keys and bias only: not on the other rows, M (>= 2: one row would run as a GEMV, which rounds
+    unlike a GEMM, so one row runs as two), B, or K (a multiple of _ALIGN). On CPU probs @ V runs in
+    fixed chunks of the key axis, summed in order: one bmm over all K keys rounds by K (MKL changes
+    its blocking past ~350), and K is the batch's longest row. Chunks past a row's end add exact
+    zeros, and a chunk's own length (<= _PV_CHUNK) does not move its rounding. Costs 12-20% of this
+    product (K = 512..2048, 32 rows, one thread). (CUDA: one bmm; cuBLAS picks kernels by shape
+    anyway, batch invariance there would take kernels of its own.)"""
+    K = keys_t.shape[-1]
+    if qg.shape[1] == 1 and qg.device.type == "cpu":  # one row: as two (the same), as a GEMM
+        return _attend_rows(qg.expand(-1, 2, -1), keys_t, vals, bias, col0)[:, :1]
+    # not baddbmm(bias, ...): past some size it rounds differently (M = 512 vs 2 rows), bmm does not
+    scores = torch.bmm(qg * (1 / math.sqrt(qg.shape[-1])), keys_t)
+    scores[..., col0:].add_(bias)
+    probs = torch.softmax(scores, -1, dtype=torch.float32).to(vals.dtype)
+    if qg.device.type != "cpu" or K <= _PV_CHUNK:
+        return torch.bmm(probs, vals)
+    out = torch.bmm(probs[..., :_PV_CHUNK], vals[:, :_PV_CHUNK])
+    for c0 in range(_PV_CHUNK, K, _PV_CHUNK):
+        out.baddbmm_(probs[..., c0:c0 + _PV_CHUNK], vals[:, c0:c0 + _PV_CHUNK])
+    return out
 
 
 class OneTokenAttention:
@@ -376,9 +428,9 @@ class OneTokenAttention:
     the call attend to key 0 only and are dropped), or copied out when the slots are sparse in it.
     The g = heads / kv_heads query heads sharing a kv head become g query *rows* of that kv head, so
     each cached key is read once, not once per query head, and the whole step is three batched ops
-    over the (R * kv_heads) rows: scores = q K^T / sqrt(d) + bias (0, or -inf past a row's length),
-    fp32 softmax, @ V. On CPU this beats SDPA's flash kernel,
-    whose per-block overhead dominates with g <= 8 queries; the sums agree to rounding.
+    over the (R * kv_heads) rows (_attend_rows): scores = (q / sqrt(d)) K^T + bias (0, or -inf past a
+    row's length), fp32 softmax, @ V. On CPU this beats SDPA's flash kernel, whose per-block overhead
+    dominates with g <= 8 queries; the sums agree to rounding.
     """
 
     def __init__(self, cache: KVCache, slots: Tensor, start: Tensor, *, lo: int | None = None,
@@ -431,20 +483,6 @@ class OneTokenAttention:
         if self._bias is None or self._bias.dtype != q.dtype:
             bias = torch.zeros(self.visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~self.visible, -math.inf)
             self._bias = bias.repeat_interleave(kvh, dim=0)[:, None]  # (R * kv_heads, 1, K)
-        scores = torch.baddbmm(self._bias, qg, keys_t, alpha=1 / math.sqrt(d))  # (R * kv_heads, g, K)
-        probs = torch.softmax(scores, -1, dtype=torch.float32).to(vals.dtype)
-        if q.device.type == "cpu" and K > _PV_CHUNK:
-            # probs @ V in fixed chunks of the key axis, summed in order. One bmm over all K keys rounds
-            # by K (MKL changes its blocking past ~350), and K is the batch's longest row: a row's output
-            # would follow its batch, which follows tool timing. Chunks past a row's end add exact
-            # zeros, and a chunk's own length (<= _PV_CHUNK) does not move its rounding, so each row's
-            # sums are its own. Costs 12-20% of this product (K = 512..2048, 32 rows, 1 thread). (CUDA:
-            # one bmm; cuBLAS picks kernels by shape anyway, batch invariance there would take kernels
-            # of its own.)
-            out = torch.bmm(probs[..., :_PV_CHUNK], vals[:, :_PV_CHUNK])
-            for c0 in range(_PV_CHUNK, K, _PV_CHUNK):
-                out.baddbmm_(probs[..., c0:c0 + _PV_CHUNK], vals[:, c0:c0 + _PV_CHUNK])
-        else:
-            out = torch.bmm(probs, vals)
+        out = _attend_rows(qg, keys_t, vals, self._bias)  # (R * kv_heads, g, d)
         out = out.view(R, H, d)
         return out if self.row_of_tok is None else out[self.row_of_tok]

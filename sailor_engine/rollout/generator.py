@@ -12,7 +12,8 @@ or the tokens appended after a tool call) and one-token decodes in a single pack
 finishes leaves the batch at once; its session keeps the cache row ("parked"), so when the agent
 appends a tool response and submits again only the new tokens are prefilled. Cache rows are
 `num_slots >= max_batch`; when they run out, the least recently used parked session is evicted and
-re-prefilled from its token history if it ever resumes (correct, only slower).
+re-prefilled from its token history if it ever resumes (only slower: on CPU a token's numerics do not
+depend on how its sequence was chunked, so the re-prefilled row is bit for bit the decoded one).
 
 Sampling. Per-request temperature / top-k / top-p / greedy, vectorised over the batch. Randomness
 comes from one torch.Generator per request (seeded from SamplingParams.seed and the request's index),

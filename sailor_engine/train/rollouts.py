@@ -10,12 +10,10 @@ task * G + sample) samples from the RNG seeded by `episode_seed(seed, step, e)`,
 not depend on which rank generated it. Every rank then gathers all trajectories (all_gather_object
 over pp, then dp) and holds the same rewards (`score_rollouts`).
 
-Bitwise on CPU, on any number of intra-op threads, since a generator row's numerics do not depend
-on the rows it shares a step with (model/attention.py, OneTokenAttention; model/transformer.py,
-_rows2 and _swiglu_). One exception: when a rank holds more episodes than rollout.max_batch cache
-rows, an episode parked on a tool may lose its row and re-prefill its history when it resumes, which
-rounds unlike the incremental decode. The trajectory then follows tool timing in its last bits
-(sampling log-probs ~1e-7 apart, rarely a sampled token).
+Bitwise on CPU, on any number of intra-op threads: a generator row's numerics depend neither on the
+rows it shares a step with nor on how its tokens were chunked into forwards, so an episode parked on a
+tool that lost its cache row re-prefills the same state (model/attention.py, _attend_rows;
+model/transformer.py, _rows2 and _swiglu_).
 
 Layouts. Tensor parallelism: the ranks of a tp group roll out the same episodes and must run every
 generator forward together, but the agent loop's batches follow tool timing and tools need not

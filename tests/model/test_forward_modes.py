@@ -199,3 +199,45 @@ def test_one_token_attention_of_a_row_does_not_depend_on_the_other_rows():
         start[slots == 23] = 1283
         out = OneTokenAttention(cache, slots, start)(0, q[slots])
         assert torch.equal(out[slots == 23][0], alone), (trial, slots.tolist(), start.tolist())
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mha", "gqa2", "gqa4"])
+def test_cached_tokens_do_not_depend_on_how_they_were_chunked(kv_heads):
+    """Bit for bit, on CPU, on two threads: a sequence's hidden states and K, V are the same prefilled
+    in one call, decoded token by token, or appended in any chunks (crossing the 256-query blocks),
+    alone or next to another slot's chunk. The generator re-prefills a parked session's whole history
+    when its cache row was taken: anything else makes an RL trajectory follow tool timing. SDPA's
+    flash kernel and baddbmm past ~512 rows both rounded unlike the one-token path. The generator's
+    path (FusedWeights); the module path runs one-row GEMMs as GEMVs."""
+    from sailor_engine.model.transformer import FusedWeights
+
+    cfg = ModelConfig(family="qwen2", qkv_bias=True, vocab_size=97, hidden_size=64, intermediate_size=176,
+                      num_layers=2, num_heads=4, num_kv_heads=kv_heads, max_position_embeddings=1024)
+    torch.manual_seed(0)
+    model = Transformer(cfg).init_weights(std=0.2, generator=torch.Generator().manual_seed(1)).eval()
+    L = 600
+    ids = torch.randint(0, 97, (L,))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        weights = FusedWeights(model)
+
+        def run(chunks, other=0):
+            cache, pos, hidden = model.new_kv_cache(2, 640), 0, []
+            with torch.inference_mode():
+                for n in chunks:
+                    extra = torch.randint(0, 97, (other,))
+                    cache.lengths[1] = 0
+                    h = model.forward_cached(torch.cat([ids[pos : pos + n], extra]), torch.tensor([0, n, n + other]),
+                                             cache, torch.tensor([0, 1]), weights=weights)
+                    hidden.append(h[:n])
+                    pos += n
+            return torch.cat(hidden), cache.k[:, 0, :, :, :L], cache.v[:, 0, :, :L]
+
+        whole = run([L])
+        for chunks in ([1] * L, [300, 1, 1, 298], [5, 520, 75], [L - 1, 1]):
+            for other in (0, 3):
+                got = run(chunks, other)
+                assert all(torch.equal(a, b) for a, b in zip(whole, got)), (chunks[:4], other)
+    finally:
+        torch.set_num_threads(threads)

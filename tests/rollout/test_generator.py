@@ -180,12 +180,14 @@ def test_a_row_does_not_depend_on_its_batch(case, request):
     contracts over session 0's longer span, which MKL once rounded differently past ~350 positions.
     two-threads: long rows, the demo's widths (SwiGLU 352, head_dim 32) and two intra-op threads, where
     ATen splits an elementwise op between threads at an offset that follows the step's token count, and
-    each thread's tail goes through the scalar exp, which rounds unlike the vector one."""
+    each thread's tail goes through the scalar exp, which rounds unlike the vector one.
+    Each case also runs the eight sessions on three cache rows with late observations (evictions)."""
     from sailor_engine.model import ModelConfig, Transformer
 
     long_rows = case != "short"
-    width = dict(hidden_size=128, intermediate_size=352) if case == "two-threads" else dict(hidden_size=64, intermediate_size=128)
-    if case == "two-threads":
+    demo = case == "two-threads"
+    width = dict(hidden_size=128, intermediate_size=352) if demo else dict(hidden_size=64, intermediate_size=128)
+    if demo:
         request.getfixturevalue("two_threads")
     cfg = ModelConfig(family="qwen2", qkv_bias=True, vocab_size=384, **width,
                       num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=2048)
@@ -199,30 +201,44 @@ def test_a_row_does_not_depend_on_its_batch(case, request):
     def ids(n: int, seed: int) -> list[int]:
         return torch.randint(0, 384, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
-    def run(groups: list[list[int]]) -> dict[int, tuple[list[int], list[float]]]:
+    evictions = []
+
+    def run(groups: list[list[int]], rows: int | None = None, delay: bool = False) -> dict[int, tuple[list, list]]:
+        """rows: cache rows per Generator (default one per session); delay: each observation comes back
+        1-5 steps after its turn ends (a tool's latency), so parked sessions lose their rows."""
         out = {}
         for grp in groups:
-            gen = Generator(model, max_batch=len(grp), max_seq_len=1024)
-            sess, turn, rngs = {}, {}, {}
+            gen = Generator(model, max_batch=rows or len(grp), max_seq_len=1024)
+            sess, turn, rngs, pending, clock = {}, {}, {}, [], 0
             for e in grp:
                 s = gen.open_session()
                 sess[s.id], turn[e], rngs[e], out[e] = e, 0, torch.Generator().manual_seed(7 + e), ([], [])
                 n = {0: 900, 1: 500}.get(e, 20 + 7 * e) if long_rows else 20 + 7 * e
                 gen.submit(s, ids(n, 100 + e), SamplingParams(max_new_tokens=12 + 3 * e), rng=rngs[e])
-            while gen.has_work():
-                for s, c in gen.step():
+            while gen.has_work() or pending:
+                clock += 1
+                for s, c in gen.step() if gen.has_work() else ():
                     e = sess[s.id]
                     out[e][0].extend(c.token_ids)
                     out[e][1].extend(c.logprobs)
                     turn[e] += 1
                     if turn[e] < 3:
-                        gen.submit(s, ids(5 + 13 * ((e + turn[e]) % 4), 1000 * e + turn[e]),
-                                   SamplingParams(max_new_tokens=12 + 3 * e), rng=rngs[e])
+                        pending.append((clock + (1 + (3 * e + turn[e]) % 5 if delay else 0), s, e))
+                for item in [p for p in pending if p[0] <= clock]:
+                    pending.remove(item)
+                    _, s, e = item
+                    gen.submit(s, ids(5 + 13 * ((e + turn[e]) % 4), 1000 * e + turn[e]),
+                               SamplingParams(max_new_tokens=12 + 3 * e), rng=rngs[e])
+            evictions.append(gen.stats["evictions"])
         return out
 
     together = run([list(range(8))])
     assert run([[e] for e in range(8)]) == together
     assert run([[0, 2, 4, 6], [1, 3, 5, 7]]) == together
+    # three rows for eight sessions, observations late: parked sessions are evicted and re-prefill
+    # their whole history when they resume, which must give what the incremental decode gave
+    assert run([list(range(8))], rows=3, delay=True) == together
+    assert evictions[-1] >= 5
 
 
 def test_stop_tokens_and_strings(hf_pair):
