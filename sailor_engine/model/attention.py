@@ -254,7 +254,7 @@ class CachedAttention:
     Three ways to attend, all reading the cache rows in place:
     - every chunk one token (a decode step): OneTokenAttention over all rows, batched;
     - CPU, some chunk longer: per longer chunk, its queries as rows of their own over that row's keys,
-      with OneTokenAttention's arithmetic (_attend_rows), in blocks of _Q_BLOCK queries; the one-token
+      with OneTokenAttention's arithmetic (_attend_rows), in blocks of queries; the one-token
       rows still go through OneTokenAttention. So a token's K, V and output do not depend on how its
       sequence was chunked (prompt, tool response, decode, or a whole history re-prefilled after an
       eviction); SDPA's flash kernel rounded unlike the decode. No padding of short chunks to the
@@ -320,8 +320,14 @@ class CachedAttention:
         rows = [r for r in rows if r[1] > 1 or (r[1] == 1 and self.one is None)]
         # (first token, start position, slot, first query, queries, keys) of every block of queries
         cap = self.cache.k.shape[-1]
-        self.blocks = [(t0, st, slot, j0, min(_Q_BLOCK, n - j0), min(_aligned(st + min(n, j0 + _Q_BLOCK)), cap))
-                       for t0, n, st, slot in rows for j0 in range(0, n, _Q_BLOCK)]
+        # queries per block: up to _Q_BLOCK, fewer on long rows, so that queries x kv heads x keys stays
+        # within _SCORES_PER_BLOCK (the scores are g times that); any split gives each row the same result
+        kvh, self.blocks = self.cache.k.shape[2], []
+        for t0, n, st, slot in rows:
+            q_block = max(1, min(_Q_BLOCK, _SCORES_PER_BLOCK // (kvh * _aligned(st + n))))
+            for j0 in range(0, n, q_block):
+                m = min(q_block, n - j0)
+                self.blocks.append((t0, st, slot, j0, m, min(_aligned(st + j0 + m), cap)))
         self._bias: list[Tensor] = []  # per block, built at the first layer
         self._bias_dtype: torch.dtype | None = None
         # tri[j, c] = c <= j + K: the slice tri[j0:j1, K - start : K - start + k] is the causal mask of
@@ -352,7 +358,7 @@ class CachedAttention:
     def _per_sequence(self, layer: int, q: Tensor) -> Tensor:
         """CPU path of a call with chunks longer than one token (see the class docstring). Each query
         of a chunk is a row of its own, attended with OneTokenAttention's arithmetic (_attend_rows)
-        over the keys up to its position, in blocks of _Q_BLOCK queries (bounds the scores): so a
+        over the keys up to its position, in blocks of queries (bounds the scores' memory): so a
         token's K, V and output are the same whether it came in a long chunk, a short one or a decode
         step, and a history re-prefilled after its cache row was taken equals the one decoded."""
         c = self.cache
@@ -388,7 +394,8 @@ class CachedAttention:
 
 
 _PV_CHUNK = 256  # keys per probs @ V product in OneTokenAttention (batch invariance, see there)
-_Q_BLOCK = 256  # queries per block in CachedAttention's CPU path for longer chunks
+_Q_BLOCK = 256  # queries per block in CachedAttention's CPU path for longer chunks, at most
+_SCORES_PER_BLOCK = 1 << 22  # and queries x kv heads x keys at most this (16 MiB of fp32 scores per g)
 
 
 def _attend_rows(qg: Tensor, keys_t: Tensor, vals: Tensor, bias: Tensor, col0: int = 0) -> Tensor:

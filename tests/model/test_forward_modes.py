@@ -201,15 +201,21 @@ def test_one_token_attention_of_a_row_does_not_depend_on_the_other_rows():
         assert torch.equal(out[slots == 23][0], alone), (trial, slots.tolist(), start.tolist())
 
 
+@pytest.mark.parametrize("budget", [None, 4096], ids=["blocks", "small-blocks"])
 @pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mha", "gqa2", "gqa4"])
-def test_cached_tokens_do_not_depend_on_how_they_were_chunked(kv_heads):
+def test_cached_tokens_do_not_depend_on_how_they_were_chunked(kv_heads, budget, monkeypatch):
     """Bit for bit, on CPU, on two threads: a sequence's hidden states and K, V are the same prefilled
     in one call, decoded token by token, or appended in any chunks (crossing the 256-query blocks),
     alone or next to another slot's chunk. The generator re-prefills a parked session's whole history
     when its cache row was taken: anything else makes an RL trajectory follow tool timing. SDPA's
     flash kernel and baddbmm past ~512 rows both rounded unlike the one-token path. The generator's
-    path (FusedWeights); the module path runs one-row GEMMs as GEMVs."""
+    path (FusedWeights); the module path runs one-row GEMMs as GEMVs. small-blocks: a scores budget
+    that cuts long rows into blocks of 1-3 queries (a one-query block runs as two rows)."""
+    from sailor_engine.model import attention
     from sailor_engine.model.transformer import FusedWeights
+
+    if budget:
+        monkeypatch.setattr(attention, "_SCORES_PER_BLOCK", budget)
 
     cfg = ModelConfig(family="qwen2", qkv_bias=True, vocab_size=97, hidden_size=64, intermediate_size=176,
                       num_layers=2, num_heads=4, num_kv_heads=kv_heads, max_position_embeddings=1024)
