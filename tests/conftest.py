@@ -38,3 +38,12 @@ def _run(script: Path, nproc: int = 2, timeout: float = 300) -> str:
 def run_workers():
     """run_workers(script, nproc=2): launch a worker script under torchrun (gloo), return its stdout."""
     return _run
+
+
+@pytest.fixture
+def two_threads():
+    """torch on two intra-op threads for the test (the demo's setting), restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(n)

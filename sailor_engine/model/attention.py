@@ -309,7 +309,7 @@ class CachedAttention:
         self.mask = mask[:, None]  # (R, 1, q_max, k_max)
 
     def _init_per_sequence(self, cu_seqlens: Tensor, n: Tensor, start: Tensor) -> None:
-        dev, K = n.device, self.k_max
+        dev = n.device
         single = n == 1
         self.one = None
         if int(single.sum()) >= 1:  # one-token rows (decodes) always take the batched path, even alone
@@ -330,9 +330,6 @@ class CachedAttention:
                 self.blocks.append((t0, st, slot, j0, m, min(_aligned(st + j0 + m), cap)))
         self._bias: list[Tensor] = []  # per block, built at the first layer
         self._bias_dtype: torch.dtype | None = None
-        # tri[j, c] = c <= j + K: the slice tri[j0:j1, K - start : K - start + k] is the causal mask of
-        # queries j0..j1 at positions start + j over keys 0..k-1, as a view (no op per sequence)
-        self.tri = torch.ones(self.q_max, K + self.q_max + _ALIGN, dtype=torch.bool, device=dev).tril(K)
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         c = self.cache
@@ -369,7 +366,7 @@ class CachedAttention:
         kvh = c.k.shape[2]
         g = H // kvh
         if self._bias_dtype != q.dtype:
-            self._bias = [self._block_bias(st, j0, m, K, g, q.dtype) for _, st, _, j0, m, K in self.blocks]
+            self._bias = [_block_bias(m, K - (st + j0 + 1), g, q.dtype, q.device) for _, st, _, j0, m, K in self.blocks]
             self._bias_dtype = q.dtype
         for (t0, st, slot, j0, m, K), bias in zip(self.blocks, self._bias):
             keys_t = c.k[layer, slot, :, :, :K].to(q.dtype)  # (kv_heads, d, K), a view
@@ -379,15 +376,6 @@ class CachedAttention:
             out[t0 + j0 : t0 + j0 + m] = o.view(kvh, m, g, d).transpose(0, 1).reshape(m, H, d)
         return out
 
-    def _block_bias(self, st: int, j0: int, m: int, K: int, g: int, dtype: torch.dtype) -> Tensor:
-        """(1, m * g, K - col0) bias of queries j0.. of a chunk at positions st + j0.. over keys col0 =
-        st + j0 + 1 .. K - 1 (the keys before col0 are visible to them all): query j sees keys <= st + j,
-        i.e. tri[j, c + K_all - st]."""
-        col0, shift = st + j0 + 1, self.k_max - st
-        visible = self.tri[j0 : j0 + m, col0 + shift : K + shift]
-        bias = torch.zeros(m, g, K - col0, dtype=dtype, device=visible.device)
-        return bias.masked_fill_(~visible[:, None], -math.inf).view(1, m * g, K - col0)
-
     def commit(self) -> None:
         """Advance the slots' lengths once every layer has written its keys and values."""
         self.cache.lengths[self.slots] = self.end
@@ -396,6 +384,14 @@ class CachedAttention:
 _PV_CHUNK = 256  # keys per probs @ V product in OneTokenAttention (batch invariance, see there)
 _Q_BLOCK = 256  # queries per block in CachedAttention's CPU path for longer chunks, at most
 _SCORES_PER_BLOCK = 1 << 22  # and queries x kv heads x keys at most this (16 MiB of fp32 scores per g)
+
+
+def _block_bias(m: int, w: int, g: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(1, m * g, w) bias of a block of m consecutive queries (g rows each) over the w keys after the
+    first query's own position (the keys up to it are visible to them all, see _attend_rows' col0):
+    query r sees the first r of them, so -inf where key >= r."""
+    bias = torch.full((m, w), -math.inf, dtype=dtype, device=device).triu_()
+    return bias[:, None].expand(m, g, w).reshape(1, m * g, w)
 
 
 def _attend_rows(qg: Tensor, keys_t: Tensor, vals: Tensor, bias: Tensor, col0: int = 0) -> Tensor:

@@ -402,8 +402,8 @@ def _swiglu_(gu: Tensor) -> Tensor:
     rounds unlike the vector one; so a generator row would follow its batch. Within a block every row
     takes the same path (the gate half is strided, so the kernel loops row by row)."""
     inter = gu.shape[-1] // 2
-    rows = max(1, (_GRAIN - 1) // inter) if gu.is_cpu else gu.shape[0]
-    for block in gu.split(rows) if gu.shape[0] > rows else (gu,):
+    rows = max(1, (_GRAIN - 1) // inter) if gu.is_cpu else max(1, gu.shape[0])
+    for block in gu.split(rows):
         F.silu(block[:, :inter], inplace=True).mul_(block[:, inter:])
     return gu[:, :inter]
 

@@ -88,6 +88,13 @@ class _Episode:
     t1: float = 0.0
 
 
+def done_indices(futures: list[concurrent.futures.Future], wait: bool) -> list[int]:
+    """Indices of the done ones of `futures`, in order; with `wait`, after at least one is done."""
+    if wait and not any(f.done() for f in futures):
+        concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_COMPLETED)
+    return [i for i, f in enumerate(futures) if f.done()]
+
+
 class AgentLoop:
     def __init__(self, generator: Generator, runner, template: ChatTemplate, *, params: SamplingParams,
                  max_turns: int = 30, max_context: int | None = None, system: str | None = None):
@@ -153,10 +160,7 @@ class AgentLoop:
         if decide is not None:
             ready = decide(pending, wait)
         else:
-            ready = [f for f in pending if f.done()]
-            if not ready and wait:
-                concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
-                ready = [f for f in pending if f.done()]
+            ready = [pending[i] for i in done_indices(pending, wait)]
         if wait:
             self.stats["tool_wait_s"] += time.perf_counter() - t0
         return ready

@@ -22,6 +22,7 @@ import msgspec
 import torch.distributed as dist
 
 from sailor_engine.env.runner import Observation
+from sailor_engine.rollout.agent import done_indices
 
 
 def block(n: int, parts: int, i: int) -> tuple[int, int]:
@@ -54,9 +55,7 @@ class GroupTools:
         """Those of `futures` (this rank's, in submission order) the leader finds done, at least one
         with `wait`; one broadcast of their observations. Collective over the group."""
         if self.leads:
-            if wait and not any(f.done() for f in futures):
-                concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_COMPLETED)
-            done = [(i, f.result()) for i, f in enumerate(futures) if f.done()]  # never raises
+            done = [(i, futures[i].result()) for i in done_indices(futures, wait)]  # never raises
             box = [msgspec.json.encode(done)]
         else:
             box = [None]

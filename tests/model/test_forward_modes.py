@@ -203,7 +203,7 @@ def test_one_token_attention_of_a_row_does_not_depend_on_the_other_rows():
 
 @pytest.mark.parametrize("budget", [None, 4096], ids=["blocks", "small-blocks"])
 @pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mha", "gqa2", "gqa4"])
-def test_cached_tokens_do_not_depend_on_how_they_were_chunked(kv_heads, budget, monkeypatch):
+def test_cached_tokens_do_not_depend_on_how_they_were_chunked(kv_heads, budget, monkeypatch, two_threads):
     """Bit for bit, on CPU, on two threads: a sequence's hidden states and K, V are the same prefilled
     in one call, decoded token by token, or appended in any chunks (crossing the 256-query blocks),
     alone or next to another slot's chunk. The generator re-prefills a parked session's whole history
@@ -223,27 +223,22 @@ def test_cached_tokens_do_not_depend_on_how_they_were_chunked(kv_heads, budget, 
     model = Transformer(cfg).init_weights(std=0.2, generator=torch.Generator().manual_seed(1)).eval()
     L = 600
     ids = torch.randint(0, 97, (L,))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        weights = FusedWeights(model)
+    weights = FusedWeights(model)
 
-        def run(chunks, other=0):
-            cache, pos, hidden = model.new_kv_cache(2, 640), 0, []
-            with torch.inference_mode():
-                for n in chunks:
-                    extra = torch.randint(0, 97, (other,))
-                    cache.lengths[1] = 0
-                    h = model.forward_cached(torch.cat([ids[pos : pos + n], extra]), torch.tensor([0, n, n + other]),
-                                             cache, torch.tensor([0, 1]), weights=weights)
-                    hidden.append(h[:n])
-                    pos += n
-            return torch.cat(hidden), cache.k[:, 0, :, :, :L], cache.v[:, 0, :, :L]
+    def run(chunks, other=0):
+        cache, pos, hidden = model.new_kv_cache(2, 640), 0, []
+        with torch.inference_mode():
+            for n in chunks:
+                extra = torch.randint(0, 97, (other,))
+                cache.lengths[1] = 0
+                h = model.forward_cached(torch.cat([ids[pos : pos + n], extra]), torch.tensor([0, n, n + other]),
+                                         cache, torch.tensor([0, 1]), weights=weights)
+                hidden.append(h[:n])
+                pos += n
+        return torch.cat(hidden), cache.k[:, 0, :, :, :L], cache.v[:, 0, :, :L]
 
-        whole = run([L])
-        for chunks in ([1] * L, [300, 1, 1, 298], [5, 520, 75], [L - 1, 1]):
-            for other in (0, 3):
-                got = run(chunks, other)
-                assert all(torch.equal(a, b) for a, b in zip(whole, got)), (chunks[:4], other)
-    finally:
-        torch.set_num_threads(threads)
+    whole = run([L])
+    for chunks in ([1] * L, [300, 1, 1, 298], [5, 520, 75], [L - 1, 1]):
+        for other in (0, 3):
+            got = run(chunks, other)
+            assert all(torch.equal(a, b) for a, b in zip(whole, got)), (chunks[:4], other)

@@ -162,14 +162,6 @@ def test_a_session_without_a_row_does_not_block_those_holding_one(hf_pair):
     assert done[c.id].token_ids == want.token_ids
 
 
-@pytest.fixture
-def two_threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("case", ["short", "long-rows", "two-threads"])
 def test_a_row_does_not_depend_on_its_batch(case, request):
     """Bit for bit: the RL trainer's trajectories must not depend on which rank or batch sampled them.
