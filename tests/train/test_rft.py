@@ -213,16 +213,29 @@ def test_impossible_layout_exits_with_the_parallel_dims_message(world):
     assert "world size 2 is not divisible by parallel.tp * parallel.pp = 3 * 1 = 3" in proc.stderr, proc.stderr[-3000:]
 
 
-def test_plots_and_tensorboard_are_wired(single, world):
+def test_plots_and_tensorboard_are_wired(single, world, monkeypatch):
     pngs = sorted(p.name for p in (single / "plots").glob("*.png"))
     assert "loss.png" in pngs  # train.plots defaults to on
-    from sailor_engine.train import plots
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    if not plots.HAS_TENSORBOARD:  # asked for and missing: exit 2 naming the field, before any compute
-        out = world / "tb"
-        assert main(["--config", str(world / "run.yaml"), "--set", f"train.out_dir={out}",
-                     "--set", "train.tensorboard=true"]) == 2
-        assert not (out / "metrics.jsonl").exists()
+    from sailor_engine.train import plots, rft
+
+    out = world / "tb"
+    assert main(["--config", str(world / "run.yaml"), "--set", f"train.out_dir={out}", "--set", "train.rft.max_steps=3",
+                 "--set", "train.tensorboard=true"]) == 0
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(r["step"], pytest.approx(r["loss"])) for r in rows]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+
+    # asked for and missing: exit 2 naming the field, before any compute
+    monkeypatch.setattr(rft, "HAS_TENSORBOARD", False)
+    monkeypatch.setattr(plots, "HAS_TENSORBOARD", False)
+    out = world / "tb_missing"
+    assert main(["--config", str(world / "run.yaml"), "--set", f"train.out_dir={out}",
+                 "--set", "train.tensorboard=true"]) == 2
+    assert not (out / "metrics.jsonl").exists()
 
 
 def test_resume_false_refuses_an_out_dir_with_checkpoints(world, single, capsys):
