@@ -96,7 +96,8 @@ def info(args: argparse.Namespace) -> None:
 
     python = f"{platform.python_version()} ({platform.python_implementation()}, {platform.system()} {platform.machine()})"
     rows: list[tuple[str, list[str]]] = [("sailor-engine", [__version__]), ("python", [python])]
-    rows += [(name, [_version(name)]) for name in _PACKAGES]
+    # torch's own version string: it carries the build (2.11.0+cu130) that the wheel's metadata drops
+    rows += [(name, [torch.__version__ if name == "torch" else _version(name)]) for name in _PACKAGES]
     rows += [
         ("torch build", [f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU only"]),
         ("CUDA devices", _devices(torch)),

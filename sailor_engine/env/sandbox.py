@@ -151,6 +151,10 @@ def _bootstrap(tmp: str, cpu_s: int, memory_bytes: int, fsize: int, netns: bool,
                          (resource.RLIMIT_NPROC, (1, 1))):
         resource.setrlimit(limit, value)
     code = sys.stdin.read()
+    # Imported before the hook: from Python 3.12 importing ctypes dlopens the interpreter itself
+    # (ctypes.pythonapi), which the hook refuses, and numpy imports ctypes. Loading a library or
+    # calling through ctypes is still refused.
+    import ctypes  # noqa: F401
     sys.addaudithook(_audit_hook(os.path.realpath(tmp)))
 
     sys.argv = ["<code>"]
