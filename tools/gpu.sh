@@ -25,14 +25,13 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-if ! "$py" -c "import torch" 2> /dev/null; then
-  echo "tools/gpu.sh: $py cannot import torch; set PYTHON to the interpreter that has it" >&2
-  exit 2
-fi
-if ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  echo "tools/gpu.sh: no CUDA device visible to $py (torch.cuda.is_available() is False); nothing run" >&2
-  exit 2
-fi
+# one interpreter start (importing torch takes seconds): 0 CUDA, 4 no CUDA, anything else no torch
+"$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 4)" 2> /dev/null
+case $? in
+  0) ;;
+  4) echo "tools/gpu.sh: no CUDA device visible to $py (torch.cuda.is_available() is False); nothing run" >&2; exit 2 ;;
+  *) echo "tools/gpu.sh: $py cannot import torch; set PYTHON to the interpreter that has it" >&2; exit 2 ;;
+esac
 if ! "$py" -c "import sailor_engine.kernels" 2> /dev/null; then
   "$py" -m pip install -q --no-deps --no-build-isolation -e . ||
     { echo "tools/gpu.sh: sailor-engine is not importable and could not be installed; pip install -e . first" >&2; exit 1; }
