@@ -47,3 +47,17 @@ def two_threads():
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(params=["native", "torch"])
+def cpu_attention_path(request, monkeypatch):
+    """Run a test on both CPU cached-attention paths: the C kernel (sailor_engine.kernels.cpu_attention)
+    and the torch ops it replaces when it cannot be built. Each must hold the test's properties."""
+    from sailor_engine.kernels import cpu_attention
+    from sailor_engine.model import attention
+
+    if request.param == "torch":
+        monkeypatch.setattr(attention, "NATIVE_CPU_ATTENTION", False)
+    elif not cpu_attention.available():
+        pytest.skip(f"C attention kernel: {cpu_attention.status()}")
+    return request.param

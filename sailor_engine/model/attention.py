@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sailor_engine.kernels import cpu_attention
+
 try:  # flash-attn 2.x varlen kernel (CUDA only)
     from flash_attn import flash_attn_varlen_func as _flash_varlen
 
@@ -244,6 +246,19 @@ class KVCache:
             self.lengths[torch.as_tensor(slots, device=self.lengths.device)] = 0
 
 
+NATIVE_CPU_ATTENTION = True
+"""Use the C kernel (sailor_engine.kernels.cpu_attention) for fp32 CPU caches when it builds; False
+forces the torch path (tests run both). The two paths agree to rounding, and each is invariant to
+batching and chunking on its own; a Generator's run uses one of them throughout."""
+
+
+def native_cpu_attention(cache: KVCache) -> bool:
+    """Whether CachedAttention over `cache` runs the C kernel."""
+    k = cache.k
+    return (NATIVE_CPU_ATTENTION and k.device.type == "cpu" and k.dtype == torch.float32
+            and cpu_attention.supports(k.shape[3], k.shape[4]) and cpu_attention.available())
+
+
 class CachedAttention:
     """Append packed new tokens to their cache slots and attend over each slot's whole prefix.
 
@@ -283,15 +298,21 @@ class CachedAttention:
                              f"the cache holds {cache.max_seq_len}")
         self.cache, self.slots, self.end, self.lo, self.hi = cache, slots, end, lo, hi
         self.decode = bool((n == 1).all())
+        self.native = native_cpu_attention(cache)
         if self.decode:
             self.tok_slot, self.positions = slots, start
+        else:
+            N = int(n.sum())
+            seq_of_tok = torch.repeat_interleave(torch.arange(S, device=dev), n, output_size=N)
+            offset = torch.arange(N, device=dev) - cu_seqlens[:-1].to(dev, torch.int64)[seq_of_tok]
+            self.tok_slot = slots[seq_of_tok]  # (N,)
+            self.positions = start[seq_of_tok] + offset  # (N,)
+        if self.native:
+            self.nvis = self.positions + 1
+            return
+        if self.decode:
             self.one = OneTokenAttention(cache, slots, start, lo=lo, hi=hi, contiguous=contiguous)
             return
-        N = int(n.sum())
-        seq_of_tok = torch.repeat_interleave(torch.arange(S, device=dev), n, output_size=N)
-        offset = torch.arange(N, device=dev) - cu_seqlens[:-1].to(dev, torch.int64)[seq_of_tok]
-        self.tok_slot = slots[seq_of_tok]  # (N,)
-        self.positions = start[seq_of_tok] + offset  # (N,)
         q_max, k_max = max(int(n.max()), 1), max(k_max, 1)  # >= 1: empty chunks are legal
         self.q_max, self.k_max = q_max, k_max
         self.per_seq = dev.type == "cpu"
@@ -333,6 +354,9 @@ class CachedAttention:
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         c = self.cache
+        if self.native:
+            cpu_attention.append_kv(c.k[layer], c.v[layer], k, v, self.tok_slot, self.positions)
+            return cpu_attention.cached_attention(q, c.k[layer], c.v[layer], self.tok_slot, self.nvis)
         c.k[layer, self.tok_slot, :, :, self.positions] = k.to(c.k.dtype)
         c.v[layer, self.tok_slot, :, self.positions] = v.to(c.v.dtype)
         if self.decode:

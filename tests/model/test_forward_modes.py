@@ -80,10 +80,13 @@ def test_padded_batch_with_mask_equals_per_sequence(name):
 
 
 @pytest.mark.parametrize("name", CFGS)
-def test_kv_cache_prefill_then_decode_equals_full_forward(name):
+def test_kv_cache_prefill_then_decode_equals_full_forward(name, cpu_attention_path):
+    from sailor_engine.model.attention import native_cpu_attention
+
     model, seqs = make(name)
     want = per_sequence_logits(model, seqs).split(LENS)
     cache = model.new_kv_cache(num_slots=6, max_seq_len=32)
+    assert native_cpu_attention(cache) == (cpu_attention_path == "native")
     slots = torch.tensor([4, 0, 2, 5])  # arbitrary rows
     # prefill the first 1..3 tokens of each sequence (ragged), then decode the rest one token at a time,
     # with sequences dropping out as they finish (continuous batching).
@@ -203,7 +206,8 @@ def test_one_token_attention_of_a_row_does_not_depend_on_the_other_rows():
 
 @pytest.mark.parametrize("budget", [None, 4096], ids=["blocks", "small-blocks"])
 @pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mha", "gqa2", "gqa4"])
-def test_cached_tokens_do_not_depend_on_how_they_were_chunked(kv_heads, budget, monkeypatch, two_threads):
+def test_cached_tokens_do_not_depend_on_how_they_were_chunked(kv_heads, budget, monkeypatch, two_threads,
+                                                            cpu_attention_path):
     """Bit for bit, on CPU, on two threads: a sequence's hidden states and K, V are the same prefilled
     in one call, decoded token by token, or appended in any chunks (crossing the 256-query blocks),
     alone or next to another slot's chunk. The generator re-prefills a parked session's whole history
@@ -215,6 +219,8 @@ def test_cached_tokens_do_not_depend_on_how_they_were_chunked(kv_heads, budget, 
     from sailor_engine.model.transformer import FusedWeights
 
     if budget:
+        if cpu_attention_path == "native":
+            pytest.skip("the scores budget is the torch path's")
         monkeypatch.setattr(attention, "_SCORES_PER_BLOCK", budget)
 
     cfg = ModelConfig(family="qwen2", qkv_bias=True, vocab_size=97, hidden_size=64, intermediate_size=176,

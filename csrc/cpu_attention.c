@@ -1,0 +1,184 @@
+/* Cached attention on the CPU, fp32: one query row at a time over its cache row's visible prefix.
+ *
+ * The Generator's attention (prefill chunks, tool responses, one-token decodes) in one kernel, built
+ * at first use by sailor_engine/kernels/cpu_attention.py (cc -O3 -march=native -ffp-contract=off).
+ *
+ * Every output element is a fixed function of its own query, its row's first `nvis` keys and values,
+ * and nothing else: no sum's order depends on the batch, the chunk a query came in, the longest row,
+ * pointer alignment or the vector width the compiler picked. The vectorised loops are elementwise per
+ * lane (plain IEEE mul and add, no contraction into FMA, no reassociation), and the two reductions
+ * over keys use 16 partial sums indexed by key mod 16, combined in a fixed tree. So a token's output
+ * is bit for bit the same in a prefill chunk, in a decode step, alone or beside 127 others, and on
+ * any x86 or ARM machine.
+ *
+ * Layouts (float32, C-contiguous, one layer):
+ *   k cache (slots, kvh, d, cap)  keys stored transposed: a query's scores read rows of d
+ *   v cache (slots, kvh, cap, d)
+ *   q       (n, H, d) rows `q_stride` floats apart; query head j reads kv head j / (H / kvh)
+ *   out     (n, H, d) contiguous
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define W 16   /* keys per block = lanes of a vector */
+#define GMAX 8  /* query heads of one kv head attended together, at most */
+#define CMAX 16 /* head_dim / W, at most (head_dim <= 256) */
+
+/* 16 floats, lowered to whatever the target has (one AVX-512 register, two AVX2, four SSE / NEON);
+ * operations on it are elementwise IEEE, so results do not depend on that choice. */
+typedef float vf __attribute__((vector_size(4 * W)));
+typedef int32_t vi __attribute__((vector_size(4 * W)));
+
+static inline vf load(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline void store(float *p, vf v) { memcpy(p, &v, sizeof v); }
+static inline vf splat(float x) { return (vf){0} + x; }
+static inline vf select(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
+
+/* exp(x) for x <= 0 (softmax arguments), to ~2 ulp: 2^n * p(r), r = x - n ln 2 in [-ln2/2, ln2/2].
+ * Arguments below -87 give exp(-87) ~ 1.6e-38 (never subnormal: no microcode assists, and the term
+ * is below one ulp of a sum >= 1). */
+static inline vf exp_neg(vf x) {
+  x = select(x < splat(-87.0f), splat(-87.0f), x);
+  vf n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest: 1.5 * 2^23 */
+  vf r = x - n * 0.693145751953125f; /* ln 2 split: the high part has 16 bits, so n * hi is exact */
+  r = r - n * 1.42860682030941723212e-6f;
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+  return p * (vf)e;
+}
+
+static inline float hsum(vf a) { /* fixed tree */
+  float b[W];
+  store(b, a);
+  for (int l = 0; l < 8; ++l) b[l] += b[l + 8];
+  for (int l = 0; l < 4; ++l) b[l] += b[l + 4];
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+static inline float hmax(vf a) { /* exact in any order */
+  float b[W], m;
+  store(b, a);
+  m = b[0];
+  for (int l = 1; l < W; ++l) m = b[l] > m ? b[l] : m;
+  return m;
+}
+
+/* The g query heads of one kv head (qs: g x d, pre-scaled) over keys [0, K) of one cache row.
+ * s: scratch g x cap. Every sum is in a fixed order: scores over d in order; the softmax
+ * denominator in 16 partial sums by key mod 16 and a fixed tree; p @ V in two accumulators by key
+ * parity, each in key order. */
+static inline __attribute__((always_inline)) void attend_head(const float *qs, const float *kt, const float *v, int64_t K, int64_t g, int64_t d,
+                        int64_t cap, float *s, float *out) {
+  const int64_t kb = (K + W - 1) / W * W, C = (d + W - 1) / W;
+  const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  vf mx[GMAX], sum[GMAX];
+  for (int64_t j = 0; j < g; ++j) mx[j] = splat(-INFINITY), sum[j] = splat(0.0f);
+  for (int64_t k0 = 0; k0 < kb; k0 += W) {
+    vf a[GMAX];
+    for (int64_t j = 0; j < g; ++j) a[j] = splat(0.0f);
+    for (int64_t e = 0; e < d; ++e) {
+      const vf kr = load(kt + e * cap + k0);
+      for (int64_t j = 0; j < g; ++j) a[j] = a[j] + qs[j * d + e] * kr;
+    }
+    const vi live = lane < (vi){0} + (int32_t)(K - k0);
+    for (int64_t j = 0; j < g; ++j) {
+      a[j] = select(live, a[j], splat(-INFINITY));
+      mx[j] = select(a[j] > mx[j], a[j], mx[j]);
+      store(s + j * cap + k0, a[j]);
+    }
+  }
+  float inv[GMAX];
+  for (int64_t j = 0; j < g; ++j) {
+    const vf m = splat(hmax(mx[j]));
+    for (int64_t k0 = 0; k0 < kb; k0 += W) {
+      const vi live = lane < (vi){0} + (int32_t)(K - k0);
+      const vf p = select(live, exp_neg(load(s + j * cap + k0) - m), splat(0.0f));
+      store(s + j * cap + k0, p);
+      sum[j] = sum[j] + p;
+    }
+    inv[j] = 1.0f / hsum(sum[j]);
+  }
+  /* d in C chunks of W; a last partial chunk (head_dim not a multiple of 16) is zero-padded on load
+   * and cut on store: each lane's arithmetic is the same either way */
+  const int64_t rem = d - (C - 1) * W;
+  vf acc[2][GMAX][CMAX];
+  for (int u = 0; u < 2; ++u)
+    for (int64_t j = 0; j < g; ++j)
+      for (int64_t c = 0; c < C; ++c) acc[u][j][c] = splat(0.0f);
+  for (int64_t k = 0; k < K; ++k) {
+    const int u = k & 1;
+    for (int64_t c = 0; c < C; ++c) {
+      vf vr = splat(0.0f);
+      if (c < C - 1 || rem == W) vr = load(v + k * d + c * W);
+      else memcpy(&vr, v + k * d + c * W, rem * sizeof(float));
+      for (int64_t j = 0; j < g; ++j) acc[u][j][c] = acc[u][j][c] + s[j * cap + k] * vr;
+    }
+  }
+  for (int64_t j = 0; j < g; ++j)
+    for (int64_t c = 0; c < C; ++c) {
+      float o[W];
+      store(o, (acc[0][j][c] + acc[1][j][c]) * inv[j]);
+      memcpy(out + j * d + c * W, o, (c < C - 1 ? W : rem) * sizeof(float));
+    }
+}
+
+/* Attention of n query rows over their cache rows: row i reads slot[i]'s first nvis[i] keys.
+ * Returns 0; 1 + i when row i's slot is not in [0, slots) or nvis not in [1, cap] (nothing written);
+ * -1 when scratch memory cannot be had; -2 for a shape the kernel does not take (heads not a multiple
+ * of kv_heads, head_dim above 256, cap not a multiple of 16). */
+int64_t se_attend(const float *q, int64_t q_stride, const float *kc, const float *vc, const int64_t *slot,
+                  const int64_t *nvis, int64_t n, int64_t H, int64_t kvh, int64_t d, int64_t slots, int64_t cap,
+                  float *out) {
+  const int64_t g = H / kvh;
+  if (H % kvh || d < 1 || d > W * CMAX || cap % W) return -2;
+  for (int64_t i = 0; i < n; ++i)
+    if (slot[i] < 0 || slot[i] >= slots || nvis[i] < 1 || nvis[i] > cap) return 1 + i;
+  const float scale = 1.0f / sqrtf((float)d);
+  float *s = malloc(sizeof(float) * (GMAX * cap + g * d));
+  if (!s) return -1;
+  float *qs = s + GMAX * cap;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t h = 0; h < kvh; ++h) {
+      const float *qh = q + i * q_stride + h * g * d;
+      const float *kt = kc + (slot[i] * kvh + h) * d * cap, *v = vc + (slot[i] * kvh + h) * cap * d;
+      for (int64_t j = 0; j < g * d; ++j) qs[j] = qh[j] * scale;
+      for (int64_t j0 = 0; j0 < g; j0 += GMAX) { /* query heads in groups of at most GMAX, each on its own */
+        const int64_t gg = g - j0 < GMAX ? g - j0 : GMAX;
+        float *o = out + (i * H + h * g + j0) * d;
+        const float *qj = qs + j0 * d;
+        /* the common shapes compiled with constant g and d: accumulators stay in registers */
+#define CASE(G, D) if (gg == G && d == D) attend_head(qj, kt, v, nvis[i], G, D, cap, s, o); else
+        CASE(1, 64) CASE(2, 32) CASE(2, 64) CASE(2, 128) CASE(4, 64) CASE(4, 128) CASE(6, 128) CASE(7, 64)
+        CASE(7, 128) CASE(8, 64) CASE(8, 128) attend_head(qj, kt, v, nvis[i], gg, d, cap, s, o);
+#undef CASE
+      }
+    }
+  free(s);
+  return 0;
+}
+
+/* Append n new tokens' keys and values: token i goes to slot[i], position pos[i].
+ * k, v: (n, kvh, d) rows `k_stride` / `v_stride` floats apart, each head's d values contiguous.
+ * Returns 0, or 1 + i when row i's slot or position is out of range (nothing written). */
+int64_t se_append(float *kc, float *vc, const float *k, int64_t k_stride, const float *v, int64_t v_stride,
+                  const int64_t *slot, const int64_t *pos, int64_t n, int64_t kvh, int64_t d, int64_t slots,
+                  int64_t cap) {
+  for (int64_t i = 0; i < n; ++i)
+    if (slot[i] < 0 || slot[i] >= slots || pos[i] < 0 || pos[i] >= cap) return 1 + i;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t h = 0; h < kvh; ++h) {
+      float *kt = kc + (slot[i] * kvh + h) * d * cap + pos[i];
+      const float *kr = k + i * k_stride + h * d;
+      for (int64_t e = 0; e < d; ++e) kt[e * cap] = kr[e];
+      memcpy(vc + ((slot[i] * kvh + h) * cap + pos[i]) * d, v + i * v_stride + h * d, d * sizeof(float));
+    }
+  return 0;
+}
