@@ -76,8 +76,12 @@ def _build() -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
         try:
-            r = subprocess.run([cc, *FLAGS, "-o", tmp, str(_source()), "-lm"], capture_output=True, text=True)
-            if r.returncode:
+            # with OpenMP if the compiler has it (the rows of large calls on torch's threads), else without
+            for extra in (["-fopenmp"], []):
+                r = subprocess.run([cc, *FLAGS, *extra, "-o", tmp, str(_source()), "-lm"], capture_output=True, text=True)
+                if r.returncode == 0:
+                    break
+            else:
                 raise RuntimeError(f"{cc} failed on {_source()}:\n{r.stderr[-2000:]}")
             os.replace(tmp, out)
         finally:
@@ -85,7 +89,7 @@ def _build() -> ctypes.CDLL:
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(out))
     lib.se_attend.restype = lib.se_append.restype = _i64
-    lib.se_attend.argtypes = [_ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _ptr]
+    lib.se_attend.argtypes = [_ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _ptr, _i64]
     lib.se_append.argtypes = [_ptr, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64]
     return lib
 
@@ -176,7 +180,8 @@ def append_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, slots: Ten
 
 def cached_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, nvis: Tensor) -> Tensor:
     """q (n, heads, d) -> (n, heads, d): row i over the first nvis[i] keys of cache row slots[i]
-    (softmax(q K^T / sqrt(d)) V, query head j on kv head j // (heads // kv_heads))."""
+    (softmax(q K^T / sqrt(d)) V, query head j on kv head j // (heads // kv_heads)). Large calls run on
+    up to torch.get_num_threads() threads, split by rows: the result does not depend on the count."""
     lib = _load()
     if lib is None:
         raise RuntimeError(f"cpu_attention: {_err}")
@@ -188,6 +193,6 @@ def cached_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,
     slots, nvis = _index(slots, n), _index(nvis, n)
     out = torch.empty(n, H, d)
     rc = lib.se_attend(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(),
-                       nvis.data_ptr(), n, H, kvh, d, S, cap, out.data_ptr())
+                       nvis.data_ptr(), n, H, kvh, d, S, cap, out.data_ptr(), torch.get_num_threads())
     _fail("cached_attention", rc, slots, nvis, "keys")
     return out

@@ -2,8 +2,8 @@
 
     PaddedAttention   (B, T) batches, optional key-padding mask         -> SDPA
     VarlenAttention   a packed token stream split by cu_seqlens          -> flash-attn | xformers | flex | sdpa
-    CachedAttention   new tokens appended to a slab KV cache, per slot   -> batched one-token matmuls
-                                                                           (OneTokenAttention; CPU) | SDPA
+    CachedAttention   new tokens appended to a slab KV cache, per slot   -> C kernel (CPU, fp32) | batched
+                                                                           one-token matmuls (CPU) | SDPA
 
 Each is a small callable `ctx(layer_idx, q, k, v) -> out` built once per forward by the model, so a
 decoder layer never needs to know which mode it runs in. q: (..., num_heads, head_dim),
@@ -266,8 +266,12 @@ class CachedAttention:
     new tokens: N packed, cu_seqlens (S + 1,); slots: (S,) cache rows, distinct. Token j of sequence i
     goes to position lengths[slots[i]] + j. `positions` (N,) is what RoPE must use.
 
-    Three ways to attend, all reading the cache rows in place:
-    - every chunk one token (a decode step): OneTokenAttention over all rows, batched;
+    Ways to attend, all reading the cache rows in place:
+    - CPU, fp32 cache, the C kernel built (native_cpu_attention; sailor_engine.kernels.cpu_attention):
+      every token, prefill or decode, is one query row over its row's prefix, each sum in a fixed order,
+      so batch and chunking invariance hold by construction; it also writes K and V (README:
+      benchmarks, for what it gains over the torch path below);
+    - otherwise, every chunk one token (a decode step): OneTokenAttention over all rows, batched;
     - CPU, some chunk longer: per longer chunk, its queries as rows of their own over that row's keys,
       with OneTokenAttention's arithmetic (_attend_rows), in blocks of queries; the one-token
       rows still go through OneTokenAttention. So a token's K, V and output do not depend on how its

@@ -25,8 +25,8 @@ importance ratio starts at 1 (T = 1 for greedy).
 Speed on CPU. A decode step of a small model is ~30 small matmuls plus per-op overhead, so on CPU
 the Generator runs the model through FusedWeights (q/k/v and gate/up fused, matrices pre-transposed,
 no nn.Module dispatch; copies refreshed from the parameters' version counters every step) and the
-KV cache's one-token attention path (attention.py); benchmarks/bench_generate.py measures it against
-transformers' generate.
+KV cache's C attention kernel (csrc/cpu_attention.c; the batched one-token path of attention.py where
+it cannot be built); benchmarks/bench_generate.py measures it against transformers' generate.
 """
 
 from __future__ import annotations

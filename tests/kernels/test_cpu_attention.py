@@ -83,6 +83,15 @@ def test_a_row_is_bitwise_the_same_alone_in_any_batch_and_any_cache():
     slots = torch.randint(0, 6, (24,), generator=gen)
     nvis = torch.randint(1, 273, (24,), generator=gen)
     batch = ca.cached_attention(q, kc, vc, slots, nvis)
+    big = [t.repeat(5, *[1] * (t.dim() - 1)) for t in (q, slots, nvis)]
+    assert int(big[2].sum()) * 4 > 3 * 16384  # enough keys for three threads to start (KEYS_PER_THREAD)
+    n = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):  # rows split between threads: the same bits
+            torch.set_num_threads(threads)
+            assert torch.equal(ca.cached_attention(*big[:1], kc, vc, *big[1:]), batch.repeat(5, 1, 1))
+    finally:
+        torch.set_num_threads(n)
     perm = torch.randperm(24, generator=gen)
     assert torch.equal(ca.cached_attention(q[perm], kc, vc, slots[perm], nvis[perm]), batch[perm])
     for i in range(0, 24, 5):
@@ -94,6 +103,28 @@ def test_a_row_is_bitwise_the_same_alone_in_any_batch_and_any_cache():
         k1, v1 = torch.full((1, 2, 32, cap), 1e30), torch.full((1, 2, cap, 32), -7.0)
         k1[..., :n], v1[:, :, :n] = kc[slots[i], :, :, :n], vc[slots[i], :, :n]
         assert torch.equal(ca.cached_attention(q[i : i + 1], k1, v1, torch.tensor([0]), nvis[i : i + 1]), alone)
+
+
+@pytest.mark.parametrize("H,kvh,d", [(4, 2, 32), (4, 4, 8), (8, 2, 64), (5, 1, 16)], ids=["g2", "g1-d8", "g4", "g5"])
+def test_a_prefill_chunk_gives_each_query_the_bits_it_gets_alone(H, kvh, d):
+    """Consecutive queries of one row (a prefill chunk) run in blocks sharing loads of K and V: each
+    query still gets exactly what it gets alone (a decode step), wherever the chunk starts and ends."""
+    kc, vc = cache(3, kvh, d, 160, seed=5)
+    q = torch.randn(150, H, d, generator=torch.Generator().manual_seed(6))
+    pos = torch.arange(5, 155)
+    slot = torch.full((150,), 2)
+    whole = ca.cached_attention(q, kc, vc, slot, pos + 1)
+    alone = torch.cat([ca.cached_attention(q[i : i + 1], kc, vc, slot[:1], pos[i : i + 1] + 1) for i in range(150)])
+    assert torch.equal(whole, alone)
+    cuts = [0, 3, 4, 11, 64, 65, 150]
+    pieces = [ca.cached_attention(q[a:b], kc, vc, slot[a:b], pos[a:b] + 1) for a, b in zip(cuts, cuts[1:])]
+    assert torch.equal(torch.cat(pieces), whole)
+    mixed = torch.tensor([0, 1, 2, 3, 140, 4, 5, 6, 7, 8])  # a decode of another row inside the chunk
+    slot2 = slot[mixed].clone()
+    slot2[4] = 0
+    assert torch.equal(ca.cached_attention(q[mixed], kc, vc, slot2, pos[mixed] + 1)[[0, 1, 2, 3, 5, 6, 7, 8, 9]],
+                       whole[mixed[[0, 1, 2, 3, 5, 6, 7, 8, 9]]])
+    torch.testing.assert_close(whole.double(), reference(q, kc, vc, slot, pos + 1), atol=2e-6, rtol=2e-6)
 
 
 def test_append_writes_what_indexing_writes():
