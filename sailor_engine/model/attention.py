@@ -358,9 +358,9 @@ class CachedAttention:
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         c = self.cache
-        if self.native:
-            cpu_attention.append_kv(c.k[layer], c.v[layer], k, v, self.tok_slot, self.positions)
-            return cpu_attention.cached_attention(q, c.k[layer], c.v[layer], self.tok_slot, self.nvis)
+        if self.native:  # fp32 cache; activations of another dtype (CPU autocast) are attended in fp32
+            cpu_attention.append_kv(c.k[layer], c.v[layer], k.float(), v.float(), self.tok_slot, self.positions)
+            return cpu_attention.cached_attention(q.float(), c.k[layer], c.v[layer], self.tok_slot, self.nvis).to(q.dtype)
         c.k[layer, self.tok_slot, :, :, self.positions] = k.to(c.k.dtype)
         c.v[layer, self.tok_slot, :, self.positions] = v.to(c.v.dtype)
         if self.decode:

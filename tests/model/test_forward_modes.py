@@ -248,3 +248,18 @@ def test_cached_tokens_do_not_depend_on_how_they_were_chunked(kv_heads, budget, 
         for other in (0, 3):
             got = run(chunks, other)
             assert all(torch.equal(a, b) for a, b in zip(whole, got)), (chunks[:4], other)
+
+
+def test_cached_forward_under_cpu_autocast(cpu_attention_path):
+    """bf16 autocast over an fp32 cache (activations bf16, cache fp32): both CPU paths run and track
+    the fp32 forward to bf16 accuracy (the C kernel attends in fp32 and casts back)."""
+    model, seqs = make("qwen3-mha")
+    s = torch.cat(seqs)[:20]
+    cache = model.new_kv_cache(num_slots=2, max_seq_len=32, dtype=torch.float32)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = model.forward_cached(s, torch.tensor([0, len(s)]), cache, torch.tensor([1]))
+        want = model(s[None])[0]
+        got = model.logits(h.float())
+    assert cache.lengths[1] == len(s)
+    torch.testing.assert_close(got, want, atol=0.15, rtol=0.05)
