@@ -123,9 +123,10 @@ def main() -> None:
     if greedy:
         same = sum(a == b for a, b in zip(outputs["transformers.generate"], outputs["sailor Generator"]))
         mine["greedy_identical"] = f"{same}/{args.batch}"
+    attention = _attention(args.device)
     print_table(f"generate ({args.mode}): {args.batch} prompts ({min(lens)}-{max(lens)} tokens) x {n_new} new tokens, "
                 f"{args.layers}L h{args.hidden} V{args.vocab}, {args.device}, {torch.get_num_threads()} thread(s), "
-                f"{_attention(args.device)}, "
+                f"attention: {attention}, "
                 f"load {load_before[0]:.1f} -> {load_after[0]:.1f}",
                 rows, ["impl", "median_s", "p20_s", "p80_s", "cpu_s", "tokens_per_s", "speedup", "cpu_speedup",
                        "greedy_identical"])
@@ -133,19 +134,18 @@ def main() -> None:
         config = {k: v for k, v in vars(args).items() if k != "no_record"}
         config.update(threads=torch.get_num_threads(), loadavg_before=[round(x, 2) for x in load_before],
                       loadavg_after=[round(x, 2) for x in load_after])
-        if args.device == "cpu":  # which KV-cache attention ours ran: the C kernel or the torch path
-            from sailor_engine.kernels import cpu_attention
-
-            config["cpu_attention"] = "native" if cpu_attention.available() else cpu_attention.status()
+        if args.device == "cpu":
+            config["cpu_attention"] = attention
         record("bench_generate", config, rows, args.device)
 
 
 def _attention(device: str) -> str:
+    """Which KV-cache attention ours runs: "native" (the C kernel) or the torch path (and why)."""
     if device != "cpu":
-        return "attention: torch"
+        return "torch"
     from sailor_engine.kernels import cpu_attention
 
-    return "attention: C kernel" if cpu_attention.available() else "attention: torch (C kernel unavailable)"
+    return "native" if cpu_attention.available() else f"torch ({cpu_attention.status()})"
 
 
 if __name__ == "__main__":

@@ -139,8 +139,8 @@ static inline __attribute__((always_inline)) void attend_head(const float *qs, c
  * alone do not keep enough misses in flight. */
 static void prefetch_head(const float *kt, const float *v, int64_t K, int64_t d, int64_t cap) {
   for (int64_t e = 0; e < d; ++e)
-    for (int64_t k = 0; k < K; k += 16) __builtin_prefetch(kt + e * cap + k);
-  for (int64_t x = 0; x < K * d; x += 16) __builtin_prefetch(v + x);
+    for (int64_t k = 0; k < K; k += W) __builtin_prefetch(kt + e * cap + k);
+  for (int64_t x = 0; x < K * d; x += W) __builtin_prefetch(v + x);
 }
 
 typedef struct {
@@ -200,7 +200,7 @@ static void *run_rows(void *arg) {
 }
 
 #define MAX_THREADS 64
-#define KEYS_PER_THREAD 16384 /* query rows x keys a thread must have, at least, to be worth starting */
+#define KEYS_PER_THREAD 16384 /* query heads x keys a thread must have, at least, to be worth starting */
 
 /* Attention of n query rows over their cache rows: row i reads slot[i]'s first nvis[i] keys.
  * Up to `threads` OpenMP threads, each taking a contiguous range of rows with about equal keys; a

@@ -51,8 +51,9 @@ def _source() -> Path:
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("SAILOR_ENGINE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sailor-engine"
-    return Path(root)
+    if root := os.environ.get("SAILOR_ENGINE_CACHE"):
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sailor-engine"
 
 
 def _cpu_id() -> str:
@@ -67,7 +68,8 @@ def _build() -> ctypes.CDLL:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
-    src = _source().read_bytes()
+    path = _source()
+    src = path.read_bytes()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(b"\0".join([src, " ".join(FLAGS).encode(), version.encode(), _cpu_id().encode()])).hexdigest()[:16]
     out = _cache_dir() / f"cpu_attention-{key}.so"
@@ -78,11 +80,11 @@ def _build() -> ctypes.CDLL:
         try:
             # with OpenMP if the compiler has it (the rows of large calls on torch's threads), else without
             for extra in (["-fopenmp"], []):
-                r = subprocess.run([cc, *FLAGS, *extra, "-o", tmp, str(_source()), "-lm"], capture_output=True, text=True)
+                r = subprocess.run([cc, *FLAGS, *extra, "-o", tmp, str(path), "-lm"], capture_output=True, text=True)
                 if r.returncode == 0:
                     break
             else:
-                raise RuntimeError(f"{cc} failed on {_source()}:\n{r.stderr[-2000:]}")
+                raise RuntimeError(f"{cc} failed on {path}:\n{r.stderr[-2000:]}")
             os.replace(tmp, out)
         finally:
             if os.path.exists(tmp):
