@@ -1,7 +1,7 @@
 /* Cached attention on the CPU, fp32: one query row at a time over its cache row's visible prefix.
  *
  * The Generator's attention (prefill chunks, tool responses, one-token decodes) in one kernel, built
- * at first use by sailor_engine/kernels/cpu_attention.py (cc -O3 -march=native -ffp-contract=off).
+ * at first use by sailor_engine/kernels/native.py (cc -O3 -march=native -ffp-contract=off).
  *
  * Every output element is a fixed function of its own query, its row's first `nvis` keys and values,
  * and nothing else: no sum's order depends on the batch, the chunk a query came in, the longest row,
@@ -22,54 +22,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define W 16   /* keys per block = lanes of a vector */
+#include "vec.h"
+
 #define RMAX 8  /* query rows attended together (heads of one kv head x queries), at most */
 #define CMAX 16 /* head_dim / W, at most (head_dim <= 256) */
-
-/* 16 floats, lowered to whatever the target has (one AVX-512 register, two AVX2, four SSE / NEON);
- * operations on it are elementwise IEEE, so results do not depend on that choice. */
-typedef float vf __attribute__((vector_size(4 * W)));
-typedef int32_t vi __attribute__((vector_size(4 * W)));
-
-static inline vf load(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
-static inline void store(float *p, vf v) { memcpy(p, &v, sizeof v); }
-static inline vf splat(float x) { return (vf){0} + x; }
-static inline vf select(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
-
-/* exp(x) for x <= 0 (softmax arguments), to ~2 ulp: 2^n * p(r), r = x - n ln 2 in [-ln2/2, ln2/2].
- * Arguments below -87 give exp(-87) ~ 1.6e-38 (never subnormal: no microcode assists, and the term
- * is below one ulp of a sum >= 1). */
-static inline vf exp_neg(vf x) {
-  x = select(x < splat(-87.0f), splat(-87.0f), x);
-  vf n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest: 1.5 * 2^23 */
-  vf r = x - n * 0.693145751953125f; /* ln 2 split: the high part has 16 bits, so n * hi is exact */
-  r = r - n * 1.42860682030941723212e-6f;
-  vf p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  vi e = (__builtin_convertvector(n, vi) + 127) << 23;
-  return p * (vf)e;
-}
-
-static inline float hsum(vf a) { /* fixed tree */
-  float b[W];
-  store(b, a);
-  for (int l = 0; l < 8; ++l) b[l] += b[l + 8];
-  for (int l = 0; l < 4; ++l) b[l] += b[l + 4];
-  return (b[0] + b[2]) + (b[1] + b[3]);
-}
-
-static inline float hmax(vf a) { /* exact in any order */
-  float b[W], m;
-  store(b, a);
-  m = b[0];
-  for (int l = 1; l < W; ++l) m = b[l] > m ? b[l] : m;
-  return m;
-}
 
 /* Rows j = t * g + jj: query head jj of one kv head, for m consecutive queries t of one cache row
  * (a prefill chunk; m = 1 in decode), query t seeing keys [0, K0 + t). qs: m * g rows of d,
@@ -94,8 +50,8 @@ static inline __attribute__((always_inline)) void attend_head(const float *qs, c
     }
     for (int64_t j = 0; j < R; ++j) {
       const vi live = lane < (vi){0} + (int32_t)(K0 + j / g - k0);
-      a[j] = select(live, a[j], splat(-INFINITY));
-      mx[j] = select(a[j] > mx[j], a[j], mx[j]);
+      a[j] = vselect(live, a[j], splat(-INFINITY));
+      mx[j] = vselect(a[j] > mx[j], a[j], mx[j]);
       store(s + j * cap + k0, a[j]);
     }
   }
@@ -104,7 +60,7 @@ static inline __attribute__((always_inline)) void attend_head(const float *qs, c
     const vf mj = splat(hmax(mx[j]));
     for (int64_t k0 = 0; k0 < kb; k0 += W) {
       const vi live = lane < (vi){0} + (int32_t)(K0 + j / g - k0);
-      const vf p = select(live, exp_neg(load(s + j * cap + k0) - mj), splat(0.0f));
+      const vf p = vselect(live, vexp(load(s + j * cap + k0) - mj), splat(0.0f));
       store(s + j * cap + k0, p);
       sum[j] = sum[j] + p;
     }
@@ -117,13 +73,15 @@ static inline __attribute__((always_inline)) void attend_head(const float *qs, c
   for (int u = 0; u < 2; ++u)
     for (int64_t j = 0; j < R; ++j)
       for (int64_t c = 0; c < C; ++c) acc[u][j][c] = splat(0.0f);
-  for (int64_t k = 0; k < K; ++k) {
-    const int u = k & 1;
+  for (int64_t k = 0; k < K; k += 2) { /* even keys into acc[0], odd ones into acc[1] */
+    const int two = k + 1 < K;
     for (int64_t c = 0; c < C; ++c) {
-      vf vr = splat(0.0f);
-      if (c < C - 1 || rem == W) vr = load(v + k * d + c * W);
-      else memcpy(&vr, v + k * d + c * W, rem * sizeof(float));
-      for (int64_t j = 0; j < R; ++j) acc[u][j][c] = acc[u][j][c] + s[j * cap + k] * vr;
+      const int64_t len = c < C - 1 ? W : rem;
+      const vf v0 = load_n(v + k * d + c * W, len), v1 = two ? load_n(v + (k + 1) * d + c * W, len) : splat(0.0f);
+      for (int64_t j = 0; j < R; ++j) {
+        acc[0][j][c] = acc[0][j][c] + s[j * cap + k] * v0;
+        if (two) acc[1][j][c] = acc[1][j][c] + s[j * cap + k + 1] * v1;
+      }
     }
   }
   for (int64_t j = 0; j < R; ++j)

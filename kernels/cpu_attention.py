@@ -14,109 +14,25 @@ invariance forced chunked, aligned calls on top (model/attention.py). This kerne
 row on its own, with every sum in a fixed order (see the C file), so a token's output does not depend
 on its batch, its chunking (prefill, tool response, decode) or the machine; one code path serves all.
 
-Build: `cc -O3 -march=native -ffp-contract=off` into $SAILOR_ENGINE_CACHE (default
-~/.cache/sailor-engine), keyed by the source, the flags, the compiler and the CPU, written atomically
-(concurrent ranks may race; the loser's rename is harmless). No compiler, or SAILOR_ENGINE_CPU_ATTENTION=0:
-`available()` is False, `status()` says why, and callers keep their torch path.
+Built with the other C kernels by native.py: no compiler, or SAILOR_ENGINE_NATIVE=0, and `available()`
+is False, `status()` says why, and callers keep their torch path.
 """
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
-
 import torch
 from torch import Tensor
 
-FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=c11", "-shared", "-fPIC")
-_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
-
-_lib: ctypes.CDLL | None = None
-_err: str | None = None
-_tried = False
-
-
-def _source() -> Path:
-    here = Path(__file__).resolve().parent
-    for p in (here / "csrc" / "cpu_attention.c", here.parent / "csrc" / "cpu_attention.c"):  # wheel, source tree
-        if p.is_file():
-            return p
-    raise FileNotFoundError("csrc/cpu_attention.c not found next to sailor_engine.kernels")
-
-
-def _cache_dir() -> Path:
-    if root := os.environ.get("SAILOR_ENGINE_CACHE"):
-        return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sailor-engine"
-
-
-def _cpu_id() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        return next((line for line in info.splitlines() if line.startswith(("flags", "Features"))), info[:4096])
-    except OSError:
-        return platform.processor() + platform.machine()
-
-
-def _build() -> ctypes.CDLL:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if cc is None:
-        raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
-    path = _source()
-    src = path.read_bytes()
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(b"\0".join([src, " ".join(FLAGS).encode(), version.encode(), _cpu_id().encode()])).hexdigest()[:16]
-    out = _cache_dir() / f"cpu_attention-{key}.so"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
-        try:
-            # with OpenMP if the compiler has it (the rows of large calls on torch's threads), else without
-            for extra in (["-fopenmp"], []):
-                r = subprocess.run([cc, *FLAGS, *extra, "-o", tmp, str(path), "-lm"], capture_output=True, text=True)
-                if r.returncode == 0:
-                    break
-            else:
-                raise RuntimeError(f"{cc} failed on {path}:\n{r.stderr[-2000:]}")
-            os.replace(tmp, out)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    lib = ctypes.CDLL(str(out))
-    lib.se_attend.restype = lib.se_append.restype = _i64
-    lib.se_attend.argtypes = [_ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _ptr, _i64]
-    lib.se_append.argtypes = [_ptr, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64]
-    return lib
-
-
-def _load() -> ctypes.CDLL | None:
-    global _lib, _err, _tried
-    if not _tried:
-        _tried = True
-        if os.environ.get("SAILOR_ENGINE_CPU_ATTENTION", "1") == "0":
-            _err = "disabled by SAILOR_ENGINE_CPU_ATTENTION=0"
-        else:
-            try:
-                _lib = _build()
-            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-                _err = f"{type(e).__name__}: {e}"
-    return _lib
+from . import native
 
 
 def available() -> bool:
-    """Whether the C kernel is built and loaded (builds it on the first call)."""
-    return _load() is not None
+    """Whether the C kernels are built and loaded (builds them on the first call)."""
+    return native.load() is not None
 
 
 def status() -> str:
-    return "available (csrc/cpu_attention.c)" if available() else f"unavailable: {_err}"
+    return "available (csrc/cpu_attention.c)" if available() else f"unavailable: {native.error()}"
 
 
 def supports(head_dim: int, cap: int) -> bool:
@@ -166,9 +82,9 @@ def _fail(lib_fn: str, rc: int, slots: Tensor, other: Tensor, what: str) -> None
 
 def append_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, slots: Tensor, positions: Tensor) -> None:
     """Write k[i], v[i] (kv_heads, d) at position positions[i] of cache row slots[i]."""
-    lib = _load()
+    lib = native.load()
     if lib is None:
-        raise RuntimeError(f"cpu_attention: {_err}")
+        raise RuntimeError(f"cpu_attention: {native.error()}")
     S, kvh, d, cap = _caches(k_cache, v_cache)
     k, v = _rows("k", k), _rows("v", v)
     n = k.shape[0]
@@ -184,9 +100,9 @@ def cached_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,
     """q (n, heads, d) -> (n, heads, d): row i over the first nvis[i] keys of cache row slots[i]
     (softmax(q K^T / sqrt(d)) V, query head j on kv head j // (heads // kv_heads)). Large calls run on
     up to torch.get_num_threads() threads, split by rows: the result does not depend on the count."""
-    lib = _load()
+    lib = native.load()
     if lib is None:
-        raise RuntimeError(f"cpu_attention: {_err}")
+        raise RuntimeError(f"cpu_attention: {native.error()}")
     S, kvh, d, cap = _caches(k_cache, v_cache)
     q = _rows("q", q)
     n, H = q.shape[:2]

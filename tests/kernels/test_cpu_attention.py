@@ -170,12 +170,12 @@ def _probe(env: dict) -> str:
 
 
 def test_build_goes_to_the_cache_dir_and_the_switches_fall_back(tmp_path):
-    """A fresh cache dir gets one .so; SAILOR_ENGINE_CPU_ATTENTION=0 and a missing compiler both leave
-    the kernel unavailable with the reason in status() (callers keep the torch path)."""
+    """A fresh cache dir gets one .so; SAILOR_ENGINE_NATIVE=0 and a missing compiler both leave the
+    kernel unavailable with the reason in status() (callers keep the torch path)."""
     out = _probe({"SAILOR_ENGINE_CACHE": str(tmp_path)})
     assert out.startswith("True available")
     assert [p.suffix for p in tmp_path.iterdir()] == [".so"]
-    out = _probe({"SAILOR_ENGINE_CPU_ATTENTION": "0"})
-    assert out.startswith("False unavailable: disabled by SAILOR_ENGINE_CPU_ATTENTION=0")
+    out = _probe({"SAILOR_ENGINE_NATIVE": "0"})
+    assert out.startswith("False unavailable: disabled by SAILOR_ENGINE_NATIVE=0")
     out = _probe({"SAILOR_ENGINE_CACHE": str(tmp_path / "other"), "CC": str(tmp_path / "no-such-cc")})
     assert out.startswith("False unavailable: FileNotFoundError")
