@@ -123,10 +123,10 @@ def main() -> None:
     if greedy:
         same = sum(a == b for a, b in zip(outputs["transformers.generate"], outputs["sailor Generator"]))
         mine["greedy_identical"] = f"{same}/{args.batch}"
-    attention = _attention(args.device)
+    path = _cpu_path(args.device)
     print_table(f"generate ({args.mode}): {args.batch} prompts ({min(lens)}-{max(lens)} tokens) x {n_new} new tokens, "
                 f"{args.layers}L h{args.hidden} V{args.vocab}, {args.device}, {torch.get_num_threads()} thread(s), "
-                f"attention: {attention}, "
+                f"forward: {path}, "
                 f"load {load_before[0]:.1f} -> {load_after[0]:.1f}",
                 rows, ["impl", "median_s", "p20_s", "p80_s", "cpu_s", "tokens_per_s", "speedup", "cpu_speedup",
                        "greedy_identical"])
@@ -135,17 +135,22 @@ def main() -> None:
         config.update(threads=torch.get_num_threads(), loadavg_before=[round(x, 2) for x in load_before],
                       loadavg_after=[round(x, 2) for x in load_after])
         if args.device == "cpu":
-            config["cpu_attention"] = attention
+            config["cpu_path"] = path
         record("bench_generate", config, rows, args.device)
 
 
-def _attention(device: str) -> str:
-    """Which KV-cache attention ours runs: "native" (the C kernel) or the torch path (and why)."""
+def _cpu_path(device: str) -> str:
+    """Which KV-cache forward ours runs: the C decoder (layers and attention in one call), the C attention
+    under torch layers, or torch ops throughout (SAILOR_ENGINE_NATIVE=0 forces that), and why."""
     if device != "cpu":
         return "torch"
-    from sailor_engine.kernels import cpu_attention
+    from sailor_engine.kernels import cpu_attention, cpu_decoder
 
-    return "native" if cpu_attention.available() else f"torch ({cpu_attention.status()})"
+    if cpu_decoder.available():
+        return "C decoder"
+    if cpu_attention.available():
+        return f"C attention, torch layers ({cpu_decoder.status()})"
+    return f"torch ({cpu_attention.status()})"
 
 
 if __name__ == "__main__":

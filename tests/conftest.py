@@ -50,14 +50,16 @@ def two_threads():
 
 
 @pytest.fixture(params=["native", "torch"])
-def cpu_attention_path(request, monkeypatch):
-    """Run a test on both CPU cached-attention paths: the C kernel (sailor_engine.kernels.cpu_attention)
-    and the torch ops it replaces when it cannot be built. Each must hold the test's properties."""
-    from sailor_engine.kernels import cpu_attention
-    from sailor_engine.model import attention
+def cpu_path(request, monkeypatch):
+    """Run a test on both CPU paths of generation: the C kernels (sailor_engine.kernels: cpu_attention,
+    and cpu_decoder for FusedWeights) and the torch ops they replace when they cannot be built. Each
+    must hold the test's properties."""
+    from sailor_engine.kernels import cpu_attention, cpu_decoder
+    from sailor_engine.model import attention, transformer
 
     if request.param == "torch":
         monkeypatch.setattr(attention, "NATIVE_CPU_ATTENTION", False)
-    elif not cpu_attention.available():
-        pytest.skip(f"C attention kernel: {cpu_attention.status()}")
+        monkeypatch.setattr(transformer, "NATIVE_CPU_DECODER", False)
+    elif not (cpu_attention.available() and cpu_decoder.available()):
+        pytest.skip(f"C kernels: {cpu_decoder.status()}")
     return request.param

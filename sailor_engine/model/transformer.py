@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sailor_engine.kernels import cpu_decoder
+
 from .attention import CachedAttention, KVCache, PaddedAttention, VarlenAttention, resolve_backend
 from .config import ModelConfig
 
@@ -276,6 +278,9 @@ def _check_cu_seqlens(cu: Tensor, n: int) -> None:
         raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at N={n}; got {cu.tolist()[:8]}...")
 
 
+NATIVE_CPU_DECODER = True  # FusedWeights.run in one C call where it can (tests and benchmarks switch it off)
+
+
 class FusedWeights:
     """Generation-time copies of a Transformer's matrices, laid out for small-batch CPU inference.
 
@@ -291,6 +296,11 @@ class FusedWeights:
     head is the largest). Layers also skip nn.Module dispatch and rotate q and k in one RoPE call.
     The arithmetic is the module path's up to rounding: GEMM blocking differs, and the residual add
     happens inside the o / down GEMMs (bit-identical in fp32 in our tests; in bf16 one rounding fewer).
+
+    On CPU with the C kernels built (NATIVE_CPU_DECODER; sailor_engine.kernels.cpu_decoder), `run` is one
+    C call for all layers over the same copies: the matmuls are the same BLAS calls, bit for bit, and
+    the rest is fused; the norms' sums and SiLU's exp round unlike torch's (~1e-6 relative), and every
+    sum runs in a fixed order, so the batch and chunking invariance above hold as well.
 
     Staleness: the copies are keyed on each source parameter's (data_ptr, _version). Every in-place
     update through the parameter (optimizer steps, load_state_dict, copy_) bumps _version, so
@@ -312,6 +322,7 @@ class FusedWeights:
                          for layer in model.layers] + [[model.output_weight]]
         self._keys: list[list | None] = [None] * len(self._sources)
         self.output_t: Tensor | None = None
+        self.native: cpu_decoder.DecoderWeights | None = None
         self.refresh()
 
     @torch.no_grad()
@@ -338,6 +349,23 @@ class FusedWeights:
         if keys[-1] != self._keys[-1]:
             self.output_t = m.output_weight.t().contiguous()  # (H, V)
         self._keys = keys
+        self.native = self._native_weights()
+
+    def _native_weights(self) -> "cpu_decoder.DecoderWeights | None":
+        m = self.model
+        if not (m.embed_tokens.weight.device.type == "cpu" and m.embed_tokens.weight.dtype == torch.float32
+                and cpu_decoder.available()):
+            return None
+        layers = []
+        for layer, w in zip(m.layers, self.layers):
+            a = layer.self_attn
+            layers.append(cpu_decoder.LayerWeights(
+                layer.input_layernorm.weight, w["qkv_t"], w["qkv_b"], None if a.q_norm is None else a.q_norm.weight,
+                None if a.k_norm is None else a.k_norm.weight, w["o_t"], w["o_b"], layer.post_attention_layernorm.weight,
+                w["gu_t"], w["gu_b"], w["down_t"], w["down_b"]))
+        a = m.layers[0].self_attn
+        return cpu_decoder.DecoderWeights(layers, m.norm.weight, num_heads=a.num_heads, num_kv_heads=a.num_kv_heads,
+                                          eps=self.eps)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """(N, H) -> (N, V), as Transformer.logits."""
@@ -348,6 +376,10 @@ class FusedWeights:
         m, d, eps = self.model, self.head_dim, self.eps
         x = F.embedding(input_ids, m.embed_tokens.weight)
         cos, sin = rope_tables(m.inv_freq, positions, x.dtype)
+        if (NATIVE_CPU_DECODER and self.native is not None and isinstance(attn, CachedAttention) and attn.native
+                and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")):
+            c = attn.cache
+            return cpu_decoder.forward(self.native, x, cos, sin, c.k, c.v, attn.tok_slot, attn.positions)
         N = x.shape[0]
         for layer, w in zip(m.layers, self.layers):
             a = layer.self_attn

@@ -23,10 +23,13 @@ truncation: exactly what the trainer recomputes with fused_linear_logprob(..., t
 importance ratio starts at 1 (T = 1 for greedy).
 
 Speed on CPU. A decode step of a small model is ~30 small matmuls plus per-op overhead, so on CPU
-the Generator runs the model through FusedWeights (q/k/v and gate/up fused, matrices pre-transposed,
-no nn.Module dispatch; copies refreshed from the parameters' version counters every step) and the
-KV cache's C attention kernel (csrc/cpu_attention.c; the batched one-token path of attention.py where
-it cannot be built); benchmarks/bench_generate.py measures it against transformers' generate.
+the Generator runs the model through FusedWeights (q/k/v and gate/up fused, matrices pre-transposed;
+copies refreshed from the parameters' version counters every step), which with the C kernels built
+(sailor_engine.kernels.native) is one C call for all layers, KV-cache attention included. Where they
+cannot be built the same steps run as torch ops (FusedWeights' layers, attention.py's batched
+one-token path), equal up to rounding. Sampling stays in torch: its ops are already vectorised passes
+over (R, V), and a C version measured within 5% of them.
+benchmarks/bench_generate.py measures it against transformers' generate.
 """
 
 from __future__ import annotations

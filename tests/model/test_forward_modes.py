@@ -80,13 +80,13 @@ def test_padded_batch_with_mask_equals_per_sequence(name):
 
 
 @pytest.mark.parametrize("name", CFGS)
-def test_kv_cache_prefill_then_decode_equals_full_forward(name, cpu_attention_path):
+def test_kv_cache_prefill_then_decode_equals_full_forward(name, cpu_path):
     from sailor_engine.model.attention import native_cpu_attention
 
     model, seqs = make(name)
     want = per_sequence_logits(model, seqs).split(LENS)
     cache = model.new_kv_cache(num_slots=6, max_seq_len=32)
-    assert native_cpu_attention(cache) == (cpu_attention_path == "native")
+    assert native_cpu_attention(cache) == (cpu_path == "native")
     slots = torch.tensor([4, 0, 2, 5])  # arbitrary rows
     # prefill the first 1..3 tokens of each sequence (ragged), then decode the rest one token at a time,
     # with sequences dropping out as they finish (continuous batching).
@@ -207,7 +207,7 @@ def test_one_token_attention_of_a_row_does_not_depend_on_the_other_rows():
 @pytest.mark.parametrize("budget", [None, 4096], ids=["blocks", "small-blocks"])
 @pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mha", "gqa2", "gqa4"])
 def test_cached_tokens_do_not_depend_on_how_they_were_chunked(kv_heads, budget, monkeypatch, two_threads,
-                                                            cpu_attention_path):
+                                                            cpu_path):
     """Bit for bit, on CPU, on two threads: a sequence's hidden states and K, V are the same prefilled
     in one call, decoded token by token, or appended in any chunks (crossing the 256-query blocks),
     alone or next to another slot's chunk. The generator re-prefills a parked session's whole history
@@ -219,7 +219,7 @@ def test_cached_tokens_do_not_depend_on_how_they_were_chunked(kv_heads, budget, 
     from sailor_engine.model.transformer import FusedWeights
 
     if budget:
-        if cpu_attention_path == "native":
+        if cpu_path == "native":
             pytest.skip("the scores budget is the torch path's")
         monkeypatch.setattr(attention, "_SCORES_PER_BLOCK", budget)
 
@@ -250,7 +250,7 @@ def test_cached_tokens_do_not_depend_on_how_they_were_chunked(kv_heads, budget, 
             assert all(torch.equal(a, b) for a, b in zip(whole, got)), (chunks[:4], other)
 
 
-def test_cached_forward_under_cpu_autocast(cpu_attention_path):
+def test_cached_forward_under_cpu_autocast(cpu_path):
     """bf16 autocast over an fp32 cache (activations bf16, cache fp32): both CPU paths run and track
     the fp32 forward to bf16 accuracy (the C kernel attends in fp32 and casts back)."""
     model, seqs = make("qwen3-mha")

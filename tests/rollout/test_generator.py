@@ -37,7 +37,7 @@ def hf_pair(tmp_path_factory):
     return ref, load_hf(path).eval()
 
 
-def test_greedy_matches_transformers_generate(hf_pair, cpu_attention_path):
+def test_greedy_matches_transformers_generate(hf_pair, cpu_path):
     ref, ours = hf_pair
     ps = prompts(83)
     gen = Generator(ours, max_batch=4, max_seq_len=64)  # fewer rows than prompts: continuous batching
@@ -50,7 +50,7 @@ def test_greedy_matches_transformers_generate(hf_pair, cpu_attention_path):
         assert out.finish_reason == "length"
 
 
-def test_logprobs_are_the_models_log_softmax(hf_pair):
+def test_logprobs_are_the_models_log_softmax(hf_pair, cpu_path):
     _, ours = hf_pair
     ps = prompts(83, seed=1)
     for params in (SamplingParams(temperature=0.7, max_new_tokens=9, seed=5),
@@ -67,7 +67,7 @@ def test_logprobs_are_the_models_log_softmax(hf_pair):
             assert max(out.logprobs) <= 0
 
 
-def test_continuous_batching_equals_one_at_a_time_and_seeds_reproduce(hf_pair, cpu_attention_path):
+def test_continuous_batching_equals_one_at_a_time_and_seeds_reproduce(hf_pair, cpu_path):
     _, ours = hf_pair
     ps = prompts(83, seed=2)
     params = SamplingParams(temperature=1.0, max_new_tokens=10, seed=123)
@@ -81,7 +81,7 @@ def test_continuous_batching_equals_one_at_a_time_and_seeds_reproduce(hf_pair, c
     assert any(a.token_ids != o.token_ids for a, o in zip(batched, other))
 
 
-def test_greedy_and_sampled_requests_share_a_batch(hf_pair):
+def test_greedy_and_sampled_requests_share_a_batch(hf_pair, cpu_path):
     """A batch mixing greedy and sampled rows: each row gets what it would get alone."""
     _, ours = hf_pair
     ps = prompts(83, seed=8)
@@ -119,7 +119,7 @@ def test_session_resume_prefills_only_appended_tokens(hf_pair):
     assert turn2.token_ids == cold.token_ids
 
 
-def test_eviction_reprefills_and_stays_correct(hf_pair, cpu_attention_path):
+def test_eviction_reprefills_and_stays_correct(hf_pair, cpu_path):
     _, ours = hf_pair
     ps = prompts(83, seed=4)[:3]
     params = SamplingParams(greedy=True, max_new_tokens=4)
@@ -163,7 +163,7 @@ def test_a_session_without_a_row_does_not_block_those_holding_one(hf_pair):
 
 
 @pytest.mark.parametrize("case", ["short", "long-rows", "two-threads"])
-def test_a_row_does_not_depend_on_its_batch(case, request, cpu_attention_path):
+def test_a_row_does_not_depend_on_its_batch(case, request, cpu_path):
     """Bit for bit: the RL trainer's trajectories must not depend on which rank or batch sampled them.
     Eight 3-turn sampled sessions (prompt, then two observations each), all in one Generator or one
     per Generator (as they would run alone on a rank): a row alone in its step once ran its GEMMs as
