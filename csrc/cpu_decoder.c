@@ -84,7 +84,7 @@ static void rope(float *x, int64_t heads, int64_t d, const float *cos, const flo
 }
 
 /* c (n, m) = a (n, k; rows lda apart) @ b (k, m) [+ c if accumulate]: the call torch's mm / addmm
- * make for row-major operands (column-major C^T = B^T A^T). n >= 2 here (see decoder_rows). */
+ * make for row-major operands (column-major C^T = B^T A^T). n >= 2 here (see se_decoder). */
 static void mm(sgemm_t gemm, int64_t n, int64_t m, int64_t k, const float *a, int64_t lda, const float *b, int accumulate,
                float *c) {
   const int M = (int)m, N = (int)n, K = (int)k, LDA = (int)lda, LDB = (int)m, LDC = (int)m;
@@ -174,9 +174,9 @@ int64_t se_decoder(void *gemm_fn, const float *const *w, const float *final_norm
   /* a lone token runs as two copies of itself (see the header); the copy rewrites the same cache entries */
   const int64_t r = n < 2 ? 2 : n, scratch = r * (2 * hid + (H + 2 * kvh) * d + H * d + 2 * inter);
   const int64_t lone = n == 1 ? 2 * (2 * hid + 2 * d) : 0; /* x, out, cos, sin of the two copies */
-  float *buf = malloc(sizeof(float) * (scratch + lone) + sizeof(int64_t) * 3 * r);
-  if (!buf) return -1;
-  int64_t *sl = (int64_t *)(buf + scratch + lone), *ps = sl + r, *nv = ps + r;
+  int64_t *sl = malloc(sizeof(int64_t) * 3 * r + sizeof(float) * (scratch + lone)), *ps = sl + r, *nv = ps + r;
+  if (!sl) return -1;
+  float *buf = (float *)(nv + r);
   for (int64_t i = 0; i < r; ++i) sl[i] = slot[i % n], ps[i] = pos[i % n], nv[i] = pos[i % n] + 1;
   float *xr = x, *outr = out;
   const float *cr = cos, *sr = sin;
@@ -197,6 +197,6 @@ int64_t se_decoder(void *gemm_fn, const float *const *w, const float *final_norm
     memcpy(x, xr, hid * sizeof(float));
     memcpy(out, outr, hid * sizeof(float));
   }
-  free(buf);
+  free(sl);
   return rc;
 }
