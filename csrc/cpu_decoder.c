@@ -14,7 +14,7 @@
  * differs only in rounding: the norms' sum order and exp's polynomial (SiLU).
  *
  * Layouts (float32, C-contiguous):
- *   x        (n, hidden)           in: the token embeddings; overwritten (the residual stream)
+ *   x        (n, hidden)           the token embeddings (read only: the residual stream is scratch)
  *   cos, sin (n, d)                RoPE tables of each token's position (rotate-half convention)
  *   k cache  (layers, slots, kvh, d, cap), v cache (layers, slots, kvh, cap, d): as cpu_attention.c
  *   w        (layers, NW) pointers: per layer the tensors of enum w_t below (NULL where absent)
@@ -124,7 +124,8 @@ static void swiglu(float *gu, int64_t n, int64_t inter) {
   }
 }
 
-/* The layers over n >= 2 rows; slot / pos / nvis per row (validated by the caller). */
+/* The layers over n >= 2 rows of the residual stream x (in: the embeddings); slot / pos / nvis per row
+ * (validated by the caller). */
 static int64_t decoder_rows(sgemm_t gemm, const float *const *w, const float *final_norm, int64_t L, int64_t hid,
                             int64_t H, int64_t kvh, int64_t d, int64_t inter, float eps, float *x, int64_t n,
                             const float *cos, const float *sin, float *kc, float *vc, int64_t S, int64_t cap,
@@ -164,7 +165,7 @@ static int64_t decoder_rows(sgemm_t gemm, const float *const *w, const float *fi
  * written); -1 when scratch memory cannot be had; -2 for a shape the kernels do not take
  * (heads not a multiple of kv heads, odd or > 256 head_dim, cap not a multiple of 16). */
 int64_t se_decoder(void *gemm_fn, const float *const *w, const float *final_norm, int64_t L, int64_t hid, int64_t H,
-                   int64_t kvh, int64_t d, int64_t inter, float eps, float *x, int64_t n, const float *cos,
+                   int64_t kvh, int64_t d, int64_t inter, float eps, const float *x, int64_t n, const float *cos,
                    const float *sin, float *kc, float *vc, int64_t S, int64_t cap, const int64_t *slot,
                    const int64_t *pos, float *out, int64_t threads) {
   if (n < 1) return 0;
@@ -173,30 +174,27 @@ int64_t se_decoder(void *gemm_fn, const float *const *w, const float *final_norm
     if (slot[i] < 0 || slot[i] >= S || pos[i] < 0 || pos[i] >= cap) return 1 + i;
   /* a lone token runs as two copies of itself (see the header); the copy rewrites the same cache entries */
   const int64_t r = n < 2 ? 2 : n, scratch = r * (2 * hid + (H + 2 * kvh) * d + H * d + 2 * inter);
-  const int64_t lone = n == 1 ? 2 * (2 * hid + 2 * d) : 0; /* x, out, cos, sin of the two copies */
-  int64_t *sl = malloc(sizeof(int64_t) * 3 * r + sizeof(float) * (scratch + lone)), *ps = sl + r, *nv = ps + r;
+  const int64_t lone = n == 1 ? 2 * (hid + 2 * d) : 0; /* out, cos, sin of the two copies */
+  int64_t *sl = malloc(sizeof(int64_t) * 3 * r + sizeof(float) * (r * hid + scratch + lone)), *ps = sl + r, *nv = ps + r;
   if (!sl) return -1;
-  float *buf = (float *)(nv + r);
-  for (int64_t i = 0; i < r; ++i) sl[i] = slot[i % n], ps[i] = pos[i % n], nv[i] = pos[i % n] + 1;
-  float *xr = x, *outr = out;
+  float *res = (float *)(nv + r), *buf = res + r * hid, *outr = out;
   const float *cr = cos, *sr = sin;
+  for (int64_t i = 0; i < r; ++i) {
+    sl[i] = slot[i % n], ps[i] = pos[i % n], nv[i] = pos[i % n] + 1;
+    memcpy(res + i * hid, x + (i % n) * hid, hid * sizeof(float));
+  }
   if (n == 1) {
-    float *p = buf + scratch;
-    xr = p, outr = p + 2 * hid;
-    float *c2 = p + 4 * hid, *s2 = c2 + 2 * d;
+    float *c2 = buf + scratch, *s2 = c2 + 2 * d;
+    outr = s2 + 2 * d;
     for (int k = 0; k < 2; ++k) {
-      memcpy(xr + k * hid, x, hid * sizeof(float));
       memcpy(c2 + k * d, cos, d * sizeof(float));
       memcpy(s2 + k * d, sin, d * sizeof(float));
     }
     cr = c2, sr = s2;
   }
-  const int64_t rc = decoder_rows((sgemm_t)gemm_fn, w, final_norm, L, hid, H, kvh, d, inter, eps, xr, r, cr, sr, kc, vc,
-                                  S, cap, sl, ps, nv, outr, threads, buf);
-  if (!rc && n == 1) {
-    memcpy(x, xr, hid * sizeof(float));
-    memcpy(out, outr, hid * sizeof(float));
-  }
+  const int64_t rc = decoder_rows((sgemm_t)gemm_fn, w, final_norm, L, hid, H, kvh, d, inter, eps, res, r, cr, sr, kc,
+                                  vc, S, cap, sl, ps, nv, outr, threads, buf);
+  if (!rc && n == 1) memcpy(out, outr, hid * sizeof(float));
   free(sl);
   return rc;
 }

@@ -24,6 +24,7 @@ torch's CPU library; callers then keep their torch path.
 from __future__ import annotations
 
 import ctypes
+import functools
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -50,38 +51,28 @@ class LayerWeights(NamedTuple):
     down_bias: Tensor | None
 
 
-_sgemm_addr: int | None = None
-_sgemm_err: str | None = None
-_sgemm_tried = False
-
-
-def _sgemm() -> int | None:
-    """The address of the BLAS sgemm_ torch's own matmuls call (MKL in x86 wheels), or None."""
-    global _sgemm_addr, _sgemm_err, _sgemm_tried
-    if not _sgemm_tried:
-        _sgemm_tried = True
-        lib_dir = Path(torch.__file__).resolve().parent / "lib"
-        for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
-            if (lib_dir / name).is_file():
-                try:
-                    _sgemm_addr = ctypes.cast(ctypes.CDLL(str(lib_dir / name)).sgemm_, ctypes.c_void_p).value
-                    break
-                except (OSError, AttributeError):
-                    pass
-        else:
-            _sgemm_err = "torch's CPU library exports no BLAS sgemm_"
-    return _sgemm_addr
+@functools.cache
+def _sgemm() -> tuple[int | None, str | None]:
+    """(address, None) of the BLAS sgemm_ torch's own matmuls call (MKL in x86 wheels), or (None, why)."""
+    lib_dir = Path(torch.__file__).resolve().parent / "lib"
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
+        try:
+            return ctypes.cast(ctypes.CDLL(str(lib_dir / name)).sgemm_, ctypes.c_void_p).value, None
+        except (OSError, AttributeError):
+            pass
+    return None, "torch's CPU library exports no BLAS sgemm_"
 
 
 def available() -> bool:
     """Whether the C library is built and torch's sgemm_ found (builds the library on the first call)."""
-    return native.load() is not None and _sgemm() is not None
+    return native.load() is not None and _sgemm()[0] is not None
 
 
 def status() -> str:
     if native.load() is None:
         return f"unavailable: {native.error()}"
-    return "available (csrc/cpu_decoder.c)" if _sgemm() is not None else f"unavailable: {_sgemm_err}"
+    addr, why = _sgemm()
+    return "available (csrc/cpu_decoder.c)" if addr is not None else f"unavailable: {why}"
 
 
 def _need(cond: bool, msg: str) -> None:
@@ -135,8 +126,8 @@ def forward(w: DecoderWeights, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Ten
             positions: Tensor) -> Tensor:
     """x (n, hidden) token embeddings -> (n, hidden) final-norm hidden states; writes each token's keys
     and values into the caches (see the module docstring). x is not modified."""
-    lib = native.load()
-    if lib is None or _sgemm() is None:
+    lib, gemm = native.load(), _sgemm()[0]
+    if lib is None or gemm is None:
         raise RuntimeError(f"cpu_decoder: {status()}")
     n, d = x.shape[0], w.head_dim
     _fp32("x", x, (n, w.hidden))
@@ -150,8 +141,8 @@ def forward(w: DecoderWeights, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Ten
     slots, positions = slots.to(torch.int64).contiguous(), positions.to(torch.int64).contiguous()
     _need(slots.shape == (n,) and positions.shape == (n,),
           f"slots and positions must be ({n},), got {tuple(slots.shape)}, {tuple(positions.shape)}")
-    x, out = x.clone(), torch.empty_like(x)
-    rc = lib.se_decoder(_sgemm_addr, w.table, w.final_norm_ptr, L, w.hidden, w.num_heads, kvh, d, w.inter, w.eps,
+    out = torch.empty_like(x)
+    rc = lib.se_decoder(gemm, w.table, w.final_norm_ptr, L, w.hidden, w.num_heads, kvh, d, w.inter, w.eps,
                         x.data_ptr(), n, cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), S, cap,
                         slots.data_ptr(), positions.data_ptr(), out.data_ptr(), torch.get_num_threads())
     if rc == -1:

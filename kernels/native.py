@@ -1,7 +1,7 @@
 """The C kernels of csrc/ as one shared library, compiled at first use and loaded with ctypes.
 
     from sailor_engine.kernels import native
-    lib = native.load()          # ctypes.CDLL, or None: native.status() says why
+    lib = native.load()          # ctypes.CDLL, or None: native.error() says why
 
 Used by cpu_attention.py (KV-cache attention) and cpu_decoder.py (a whole decoder forward over the
 cache). Build: `cc -O3 -march=native -ffp-contract=off` (with -fopenmp where the compiler has it) into
@@ -14,6 +14,7 @@ paths.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -34,11 +35,6 @@ SIGNATURES = {
     "se_decoder": [ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ctypes.c_float, ptr, i64, ptr, ptr, ptr, ptr, i64, i64,
                    ptr, ptr, ptr, i64],
 }
-
-_lib: ctypes.CDLL | None = None
-_err: str | None = None
-_tried = False
-
 
 def _sources() -> list[Path]:
     here = Path(__file__).resolve().parent
@@ -78,8 +74,8 @@ def _build() -> ctypes.CDLL:
         try:
             # with OpenMP if the compiler has it (the rows of large calls on torch's threads), else without
             for extra in (["-fopenmp"], []):
-                r = subprocess.run([cc, *FLAGS, *extra, "-o", tmp, *[str(p) for p in paths if p.suffix == ".c"], "-lm"], capture_output=True,
-                                   text=True)
+                r = subprocess.run([cc, *FLAGS, *extra, "-o", tmp, *[str(p) for p in paths if p.suffix == ".c"], "-lm"],
+                                   capture_output=True, text=True)
                 if r.returncode == 0:
                     break
             else:
@@ -95,21 +91,21 @@ def _build() -> ctypes.CDLL:
     return lib
 
 
+@functools.cache
+def _loaded() -> tuple[ctypes.CDLL | None, str | None]:
+    if os.environ.get("SAILOR_ENGINE_NATIVE", "1") == "0":
+        return None, "disabled by SAILOR_ENGINE_NATIVE=0"
+    try:
+        return _build(), None
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        return None, f"{type(e).__name__}: {e}"
+
+
 def load() -> ctypes.CDLL | None:
-    """The library, built on the first call; None when it cannot be had (see status())."""
-    global _lib, _err, _tried
-    if not _tried:
-        _tried = True
-        if os.environ.get("SAILOR_ENGINE_NATIVE", "1") == "0":
-            _err = "disabled by SAILOR_ENGINE_NATIVE=0"
-        else:
-            try:
-                _lib = _build()
-            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-                _err = f"{type(e).__name__}: {e}"
-    return _lib
+    """The library, built on the first call; None when it cannot be had (error() says why)."""
+    return _loaded()[0]
 
 
 def error() -> str | None:
-    """Why load() is None (after a call to it), else None."""
-    return _err
+    """Why load() is None, else None."""
+    return _loaded()[1]

@@ -376,8 +376,9 @@ class FusedWeights:
         m, d, eps = self.model, self.head_dim, self.eps
         x = F.embedding(input_ids, m.embed_tokens.weight)
         cos, sin = rope_tables(m.inv_freq, positions, x.dtype)
+        # self.native exists only for fp32 CPU weights, so x is fp32 too; under autocast the torch path
         if (NATIVE_CPU_DECODER and self.native is not None and isinstance(attn, CachedAttention) and attn.native
-                and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")):
+                and not torch.is_autocast_enabled("cpu")):
             c = attn.cache
             return cpu_decoder.forward(self.native, x, cos, sin, c.k, c.v, attn.tok_slot, attn.positions)
         N = x.shape[0]
