@@ -8,9 +8,11 @@
  *
  * Numerics. Every element depends only on its own token's row and the cache: the norms' sums run
  * in a fixed order (16 partial sums by index mod 16, then a fixed tree), RoPE, the residual adds
- * and SwiGLU are elementwise, and a matmul never runs on one row (MKL takes M = 1 as a GEMV that
- * rounds unlike its GEMM: a lone row is duplicated). So a token's output does not depend on the
- * batch, the chunk it came in or the thread count, as with cpu_attention.c. Against torch's ops it
+ * and SwiGLU are elementwise, and every matmul runs on a multiple of ROW_ALIGN rows (padding rows
+ * repeat the first tokens): MKL rounds a row by its GEMM's row count (M = 1 is a GEMV; on AMD Zen 4
+ * fewer than 4 rows, and a thread's share past a multiple of 4, take other kernels; see
+ * model/transformer.py, _rows_aligned). So a token's output does not depend on the batch, the chunk
+ * it came in or the thread count, as with cpu_attention.c. Against torch's ops it
  * differs only in rounding: the norms' sum order and exp's polynomial (SiLU).
  *
  * Layouts (float32, C-contiguous):
@@ -26,6 +28,8 @@
 #include <string.h>
 
 #include "vec.h"
+
+#define ROW_ALIGN 4 /* every GEMM's row count is a multiple of this (see the header) */
 
 int64_t se_attend(const float *q, int64_t q_stride, const float *kc, const float *vc, const int64_t *slot,
                   const int64_t *nvis, int64_t n, int64_t H, int64_t kvh, int64_t d, int64_t slots, int64_t cap,
@@ -84,7 +88,7 @@ static void rope(float *x, int64_t heads, int64_t d, const float *cos, const flo
 }
 
 /* c (n, m) = a (n, k; rows lda apart) @ b (k, m) [+ c if accumulate]: the call torch's mm / addmm
- * make for row-major operands (column-major C^T = B^T A^T). n >= 2 here (see se_decoder). */
+ * make for row-major operands (column-major C^T = B^T A^T). n is a multiple of ROW_ALIGN here. */
 static void mm(sgemm_t gemm, int64_t n, int64_t m, int64_t k, const float *a, int64_t lda, const float *b, int accumulate,
                float *c) {
   const int M = (int)m, N = (int)n, K = (int)k, LDA = (int)lda, LDB = (int)m, LDC = (int)m;
@@ -124,7 +128,7 @@ static void swiglu(float *gu, int64_t n, int64_t inter) {
   }
 }
 
-/* The layers over n >= 2 rows of the residual stream x (in: the embeddings); slot / pos / nvis per row
+/* The layers over n rows (a multiple of ROW_ALIGN) of the residual stream x (in: the embeddings); slot / pos / nvis per row
  * (validated by the caller). */
 static int64_t decoder_rows(sgemm_t gemm, const float *const *w, const float *final_norm, int64_t L, int64_t hid,
                             int64_t H, int64_t kvh, int64_t d, int64_t inter, float eps, float *x, int64_t n,
@@ -172,10 +176,12 @@ int64_t se_decoder(void *gemm_fn, const float *const *w, const float *final_norm
   if (H % kvh || d % 2 || d > 256 || cap % W) return -2;
   for (int64_t i = 0; i < n; ++i)
     if (slot[i] < 0 || slot[i] >= S || pos[i] < 0 || pos[i] >= cap) return 1 + i;
-  /* a lone token runs as two copies of itself (see the header); the copy rewrites the same cache entries */
-  const int64_t r = n < 2 ? 2 : n, scratch = r * (2 * hid + (H + 2 * kvh) * d + H * d + 2 * inter);
-  const int64_t lone = n == 1 ? 2 * (hid + 2 * d) : 0; /* out, cos, sin of the two copies */
-  int64_t *sl = malloc(sizeof(int64_t) * 3 * r + sizeof(float) * (r * hid + scratch + lone)), *ps = sl + r, *nv = ps + r;
+  /* rows padded to a multiple of ROW_ALIGN with copies of tokens 0, 1, ...: a copy computes what its
+   * token does (the invariance above) and rewrites the same cache entries with the same values */
+  const int64_t r = (n + ROW_ALIGN - 1) / ROW_ALIGN * ROW_ALIGN;
+  const int64_t scratch = r * (2 * hid + (H + 2 * kvh) * d + H * d + 2 * inter);
+  const int64_t padded = r > n ? r * (hid + 2 * d) : 0; /* out, cos, sin of the padded rows */
+  int64_t *sl = malloc(sizeof(int64_t) * 3 * r + sizeof(float) * (r * hid + scratch + padded)), *ps = sl + r, *nv = ps + r;
   if (!sl) return -1;
   float *res = (float *)(nv + r), *buf = res + r * hid, *outr = out;
   const float *cr = cos, *sr = sin;
@@ -183,18 +189,18 @@ int64_t se_decoder(void *gemm_fn, const float *const *w, const float *final_norm
     sl[i] = slot[i % n], ps[i] = pos[i % n], nv[i] = pos[i % n] + 1;
     memcpy(res + i * hid, x + (i % n) * hid, hid * sizeof(float));
   }
-  if (n == 1) {
-    float *c2 = buf + scratch, *s2 = c2 + 2 * d;
-    outr = s2 + 2 * d;
-    for (int k = 0; k < 2; ++k) {
-      memcpy(c2 + k * d, cos, d * sizeof(float));
-      memcpy(s2 + k * d, sin, d * sizeof(float));
+  if (r > n) {
+    float *c2 = buf + scratch, *s2 = c2 + r * d;
+    outr = s2 + r * d;
+    for (int64_t i = 0; i < r; ++i) {
+      memcpy(c2 + i * d, cos + (i % n) * d, d * sizeof(float));
+      memcpy(s2 + i * d, sin + (i % n) * d, d * sizeof(float));
     }
     cr = c2, sr = s2;
   }
   const int64_t rc = decoder_rows((sgemm_t)gemm_fn, w, final_norm, L, hid, H, kvh, d, inter, eps, res, r, cr, sr, kc,
                                   vc, S, cap, sl, ps, nv, outr, threads, buf);
-  if (!rc && n == 1) memcpy(out, outr, hid * sizeof(float));
+  if (!rc && r > n) memcpy(out, outr, n * hid * sizeof(float));
   free(sl);
   return rc;
 }

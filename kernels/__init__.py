@@ -12,6 +12,14 @@ Triton on CUDA; on CPU a chunked PyTorch path with the same memory profile. Each
 PyTorch specification is in `sailor_engine.kernels.reference`.
 """
 
+if __name__ != "sailor_engine.kernels":  # e.g. `kernels`, found first on sys.path from the checkout's root
+    raise ImportError(
+        f"{__file__} is the source of sailor_engine.kernels, imported here as the top-level package {__name__!r} "
+        "because the sailor-engine checkout's root is on sys.path (python adds the working directory when "
+        "started there). It shadows any installed package of that name: transformers imports Hugging Face's "
+        "`kernels`. Start python with -P (or PYTHONSAFEPATH=1), or from another directory."
+    )
+
 from .logprob import fused_linear_logprob
 from .policy_loss import PolicyLossStats, policy_loss
 

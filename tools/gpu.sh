@@ -49,7 +49,7 @@ run() {  # run a command, tee its output to the log, remember the first failure
 }
 
 if [ "$stage" = tests ]; then
-  run "$py" -m pytest -q -p no:cacheprovider tests/kernels tests/train/test_bf16.py tests/model/test_forward_modes.py \
+  run "$py" -P -m pytest -q -p no:cacheprovider tests/kernels tests/train/test_bf16.py tests/model/test_forward_modes.py \
     tests/rollout/test_generator.py
 else
   b=benchmarks

@@ -4,4 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh dev
-exec .venv/bin/python -m pytest -q "$@"
+# -P: the checkout's root stays off sys.path; its kernels/ (sailor_engine.kernels' source) would
+# otherwise shadow Hugging Face's `kernels` package, which transformers imports
+exec .venv/bin/python -P -m pytest -q "$@"

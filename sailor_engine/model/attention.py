@@ -409,7 +409,8 @@ class CachedAttention:
         self.cache.lengths[self.slots] = self.end
 
 
-_PV_CHUNK = 256  # keys per probs @ V product in OneTokenAttention (batch invariance, see there)
+_ROW_ALIGN = 4  # query rows per bmm: a multiple of this on CPU (as transformer.ROW_ALIGN; a cycle forbids the import)
+_PV_CHUNK = 128  # keys per probs @ V product in OneTokenAttention (batch invariance, see _attend_rows)
 _Q_BLOCK = 256  # queries per block in CachedAttention's CPU path for longer chunks, at most
 _SCORES_PER_BLOCK = 1 << 22  # and queries x kv heads x keys at most this (16 MiB of fp32 scores per g)
 
@@ -429,16 +430,21 @@ def _attend_rows(qg: Tensor, keys_t: Tensor, vals: Tensor, bias: Tensor, col0: i
     col0 are visible to every row, and adding 0 to them would change nothing) -> (B, M, d).
 
     scores = (qg / sqrt(d)) K^T + bias, fp32 softmax, @ V. A row's result depends on its own query,
-    keys and bias only: not on the other rows, M (>= 2: one row would run as a GEMV, which rounds
-    unlike a GEMM, so one row runs as two), B, or K (a multiple of _ALIGN). On CPU probs @ V runs in
-    fixed chunks of the key axis, summed in order: one bmm over all K keys rounds by K (MKL changes
-    its blocking past ~350), and K is the batch's longest row. Chunks past a row's end add exact
-    zeros, and a chunk's own length (<= _PV_CHUNK) does not move its rounding. Costs 12-20% of this
-    product (K = 512..2048, 32 rows, one thread). (CUDA: one bmm; cuBLAS picks kernels by shape
+    keys and bias only: not on the other rows, M (padded to a multiple of 4 on CPU: MKL rounds a
+    row by its GEMM's row count, see transformer._rows_aligned), B, or K (a multiple of _ALIGN). On
+    CPU probs @ V runs in fixed chunks of the key axis, summed in order: one bmm over all K keys
+    rounds by K (MKL changes its blocking past 128 keys on AMD Zen 4, past ~350 on Intel Xeon), and K
+    is the batch's longest row. Chunks past a row's end add exact zeros, and a chunk's own length
+    (<= _PV_CHUNK) does not move its rounding. Costs 12-20% of this product with 256-key chunks
+    (K = 512..2048, 32 rows, one thread, Intel). (CUDA: one bmm; cuBLAS picks kernels by shape
     anyway, batch invariance there would take kernels of its own.)"""
-    K = keys_t.shape[-1]
-    if qg.shape[1] == 1 and qg.device.type == "cpu":  # one row: as two (the same), as a GEMM
-        return _attend_rows(qg.expand(-1, 2, -1), keys_t, vals, bias, col0)[:, :1]
+    K, M = keys_t.shape[-1], qg.shape[1]
+    if M % _ROW_ALIGN and qg.device.type == "cpu":  # rows padded to a multiple of 4 (transformer._rows_aligned)
+        pad = -M % _ROW_ALIGN
+        qg = torch.cat([qg, qg[:, :1].expand(-1, pad, -1)], dim=1)
+        if bias.shape[-2] == M and M > 1:  # a per-row bias is padded with its first row's
+            bias = torch.cat([bias, bias[..., :1, :].expand(*bias.shape[:-2], pad, bias.shape[-1])], dim=-2)
+        return _attend_rows(qg, keys_t, vals, bias, col0)[:, :M].contiguous()
     # not baddbmm(bias, ...): past some size it rounds differently (M = 512 vs 2 rows), bmm does not
     scores = torch.bmm(qg * (1 / math.sqrt(qg.shape[-1])), keys_t)
     scores[..., col0:].add_(bias)

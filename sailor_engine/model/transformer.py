@@ -369,7 +369,7 @@ class FusedWeights:
 
     def logits(self, hidden: Tensor) -> Tensor:
         """(N, H) -> (N, V), as Transformer.logits."""
-        return _rows2(lambda h: h @ self.output_t, hidden)
+        return _rows_aligned(lambda h: h @ self.output_t, hidden)
 
     def run(self, input_ids: Tensor, positions: Tensor, attn) -> Tensor:
         """Transformer._run on the fused copies: (N,) token ids -> final-norm hidden (N, H)."""
@@ -414,13 +414,14 @@ def _linears(layer: DecoderLayer) -> tuple[nn.Linear, ...]:
 
 def _matmul(x: Tensor, w_t: Tensor, b: Tensor | None) -> Tensor:
     """x: (N, in), w_t: (in, out) -> (N, out)."""
-    return _rows2(lambda x: x @ w_t if b is None else torch.addmm(b, x, w_t), x)
+    return _rows_aligned(lambda x: x @ w_t if b is None else torch.addmm(b, x, w_t), x)
 
 
 def _residual_matmul(res: Tensor, x: Tensor, w_t: Tensor, b: Tensor | None) -> Tensor:
     """res + (x @ w_t + b); without a bias the residual add happens inside the GEMM (one op)."""
-    if x.shape[0] == 1:  # as _rows2
-        return _residual_matmul(res.expand(2, -1), x.expand(2, -1), w_t, b)[:1]
+    n = x.shape[0]
+    if n % ROW_ALIGN:  # as _rows_aligned
+        return _residual_matmul(_pad_rows(res), _pad_rows(x), w_t, b)[:n]
     return torch.addmm(res, x, w_t) if b is None else res + torch.addmm(b, x, w_t)
 
 
@@ -441,11 +442,27 @@ def _swiglu_(gu: Tensor) -> Tensor:
     return gu[:, :inter]
 
 
-def _rows2(f, x: Tensor) -> Tensor:
-    """f(x) for a row-wise GEMM f, never on one row. MKL runs M = 1 as a GEMV whose sums round
-    differently from the GEMM of M >= 2, so a generator row's logits would depend on whether it ran
-    alone in its step, which follows tool timing; with it every row's GEMMs are the same whatever the
-    batch (checked for M = 2..1200 and every row position on this CPU), and so is its decode attention
-    (OneTokenAttention: fixed key chunks, aligned rows) and SwiGLU (blocks of rows below ATen's
-    grain), on any number of intra-op threads."""
-    return f(x.expand(2, *x.shape[1:]))[:1] if x.shape[0] == 1 else f(x)
+ROW_ALIGN = 4
+"""CPU GEMMs of the generator run on a row count rounded up to a multiple of this (see _rows_aligned)."""
+
+
+def _pad_rows(x: Tensor) -> Tensor:
+    """x (n, ...) with copies of its first row appended up to a multiple of ROW_ALIGN rows."""
+    pad = -x.shape[0] % ROW_ALIGN
+    return x if pad == 0 else torch.cat([x, x[:1].expand(pad, *x.shape[1:])])
+
+
+def _rows_aligned(f, x: Tensor) -> Tensor:
+    """f(x) for a row-wise GEMM f, run on a multiple of ROW_ALIGN rows (the padding rows are dropped).
+
+    MKL rounds a row differently depending on how many rows its GEMM has: one row runs as a GEMV (on
+    every CPU); on AMD EPYC (Zen 4) fewer than four rows take another kernel, and on two or more
+    threads the rows of a thread's share past a multiple of four round unlike the rest. So a
+    generator row's logits would depend on its batch, which follows tool timing. With a multiple of
+    four rows, a row's result is the same whatever the row count, its position and the thread count
+    (AMD EPYC: every row count up to 140 and some up to 1200, at 1-8 threads and several row
+    offsets; on the Intel Xeon of earlier sessions every count >= 2 already was). Decode attention (OneTokenAttention: fixed key chunks, aligned rows,
+    padded query rows) and SwiGLU (blocks of rows below ATen's grain) are made batch-invariant the
+    same way. The cost is at most three extra rows per GEMM."""
+    n = x.shape[0]
+    return f(x) if n % ROW_ALIGN == 0 else f(_pad_rows(x))[:n]

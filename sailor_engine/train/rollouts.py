@@ -13,7 +13,7 @@ over pp, then dp) and holds the same rewards (`score_rollouts`).
 Bitwise on CPU, on any number of intra-op threads: a generator row's numerics depend neither on the
 rows it shares a step with nor on how its tokens were chunked into forwards, so an episode parked on a
 tool that lost its cache row re-prefills the same state (model/attention.py, _attend_rows;
-model/transformer.py, _rows2 and _swiglu_).
+model/transformer.py, _rows_aligned and _swiglu_).
 
 Layouts. Tensor parallelism: the ranks of a tp group roll out the same episodes and must run every
 generator forward together, but the agent loop's batches follow tool timing and tools need not

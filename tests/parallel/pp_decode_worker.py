@@ -4,7 +4,8 @@ Every rank builds the same tiny model; the reference is `Generator.generate` (gr
 on the whole model in one process. The pipeline splits the weights into 2 stages, deals 5 prompts
 of different lengths into 1, 2 or 3 groups in flight, and decodes with each stage caching its own
 layers; also pp = 1 (one stage on a 1-rank group), and an fp64 model over an fp32 wire. Tokens must be identical (one sequence stops
-early on the stop token), log-probs within 1e-5. Prints "pipelined decode matches the generator" on rank 0.
+early on the stop token), log-probs within 2e-5 (std 0.5 weights give logits of tens, whose fp32 ulp
+is ~4e-6: the stages run the module path, the Generator its fused one). Prints "pipelined decode matches the generator" on rank 0.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def main() -> int:
             for i, ((ids, lps), c) in enumerate(zip(out, ref)):
                 err = max((abs(a - b) for a, b in zip(lps, c.logprobs)), default=0.0)
                 worst = max(worst, err)
-                if ids != c.token_ids or not err <= 1e-5:
+                if ids != c.token_ids or not err <= 2e-5:
                     failures.append(f"{tag} pp={st.pp} groups={k} prompt {i}: {ids} vs {c.token_ids}, "
                                     f"logp err {err:.1e}")
     flag = torch.tensor([len(failures)])
