@@ -8,7 +8,7 @@ temperature-1 sampling (the RL rollouts' setting), where outputs cannot be compa
     python benchmarks/bench_generate.py                       # CPU default: demo-sized model, 1 thread
     python benchmarks/bench_generate.py --batch 128 --mode sample
     python benchmarks/bench_generate.py --prompt-len 600 1000 --new-tokens 64   # rollout-length rows
-    python benchmarks/bench_generate.py --device cuda --hidden 1024 --layers 16 --batch 64
+    python benchmarks/bench_generate.py --device cuda --hidden 1024 --layers 16 --batch 64   # + ours without CUDA graphs
 
 Timing on a shared machine: the two implementations alternate, rep by rep, so a change in load
 hits both; each row reports the median wall time (p20 / p80 beside it) and the median process CPU
@@ -95,6 +95,9 @@ def main() -> None:
         return [c.token_ids for c in gen.generate(prompts, params)]
 
     impls = {"transformers.generate": run_hf, "sailor Generator": run_ours}
+    if args.device.startswith("cuda"):  # what the decode step's CUDA graphs bring, in the same run
+        eager = Generator(ours, max_batch=args.batch, max_seq_len=T + n_new + 1, decode_graphs=False)
+        impls["sailor Generator, no CUDA graphs"] = lambda: [c.token_ids for c in eager.generate(prompts, params)]
     load_before = os.getloadavg()
     outputs, wall, cpu = {}, {n: [] for n in impls}, {n: [] for n in impls}
     with torch.inference_mode():
@@ -117,12 +120,13 @@ def main() -> None:
         rows.append({"impl": name, "median_s": q["median_ms"] / 1e3, "p20_s": q["p20_ms"] / 1e3,
                      "p80_s": q["p80_ms"] / 1e3, "cpu_s": statistics.median(cpu[name]) / 1e3,
                      "tokens_per_s": args.batch * n_new / (q["median_ms"] / 1e3)})
-    base, mine = rows
-    mine["speedup"] = mine["tokens_per_s"] / base["tokens_per_s"]
-    mine["cpu_speedup"] = base["cpu_s"] / mine["cpu_s"]
-    if greedy:
-        same = sum(a == b for a, b in zip(outputs["transformers.generate"], outputs["sailor Generator"]))
-        mine["greedy_identical"] = f"{same}/{args.batch}"
+    base = rows[0]
+    for mine in rows[1:]:
+        mine["speedup"] = mine["tokens_per_s"] / base["tokens_per_s"]
+        mine["cpu_speedup"] = base["cpu_s"] / mine["cpu_s"]
+        if greedy:
+            same = sum(a == b for a, b in zip(outputs["transformers.generate"], outputs[mine["impl"]]))
+            mine["greedy_identical"] = f"{same}/{args.batch}"
     path = _cpu_path(args.device)
     print_table(f"generate ({args.mode}): {args.batch} prompts ({min(lens)}-{max(lens)} tokens) x {n_new} new tokens, "
                 f"{args.layers}L h{args.hidden} V{args.vocab}, {args.device}, {torch.get_num_threads()} thread(s), "
@@ -143,7 +147,7 @@ def _cpu_path(device: str) -> str:
     """Which KV-cache forward ours runs: the C decoder (layers and attention in one call), the C attention
     under torch layers, or torch ops throughout (SAILOR_ENGINE_NATIVE=0 forces that), and why."""
     if device != "cpu":
-        return "torch"
+        return "torch, decode steps from CUDA graphs"
     from sailor_engine.kernels import cpu_attention, cpu_decoder
 
     if cpu_decoder.available():

@@ -145,3 +145,36 @@ def policy_loss_reference(
             "kl_mean": zero if ref_logp is None else mean(kl.detach().expand_as(r)),
         }
     return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# decode attention over a slab KV cache
+# ---------------------------------------------------------------------------------------------
+
+
+def decode_attention_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    nvis: torch.Tensor,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """One query token per row over the first nvis[b] keys of cache row slots[b], written per row.
+
+    q: (B, H, D); k_cache: (S, KVH, D, CAP) (keys transposed); v_cache: (S, KVH, CAP, D); slots, nvis:
+    (B,). Query head h reads kv head h // (H // KVH). Computes in q's dtype (float64 for ground
+    truth) and returns (B, H, D).
+    """
+    B, H, D = q.shape
+    kvh = k_cache.shape[1]
+    scale = D**-0.5 if scale is None else scale
+    out = torch.empty_like(q)
+    for b in range(B):
+        s, n = int(slots[b]), int(nvis[b])
+        for h in range(H):
+            keys = k_cache[s, h // (H // kvh), :, :n].to(q.dtype)  # (D, n)
+            vals = v_cache[s, h // (H // kvh), :n].to(q.dtype)  # (n, D)
+            out[b, h] = torch.softmax((q[b, h] @ keys) * scale, dim=-1) @ vals
+    return out

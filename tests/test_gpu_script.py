@@ -54,8 +54,8 @@ def test_benchmark_commands_parse():
     argparse, which rejects an unknown flag or a bad value, and stops there."""
     text = SCRIPT.read_text()
     lines = re.findall(r'run "\$py" \$b/(bench_\w+\.py)([^\n]*)', text)
-    assert {name for name, _ in lines} == {"bench_logprob.py", "bench_policy_loss.py", "bench_generate.py",
-                                           "bench_train_step.py"}
+    assert {name for name, _ in lines} == {"bench_logprob.py", "bench_policy_loss.py", "bench_decode_attention.py",
+                                           "bench_generate.py", "bench_train_step.py"}
     for name, rest in lines:
         for dt in ("bf16", "fp32"):
             args = rest.replace("$dt", dt).split()

@@ -5,7 +5,8 @@
 #   bash tools/gpu.sh tests     # kernels compiled and run by Triton (not the interpreter), bf16 training,
 #                               # cached attention and the generator on CUDA (every @pytest.mark.gpu test is
 #                               # in these files)
-#   bash tools/gpu.sh bench     # bench_logprob / bench_policy_loss (bf16, fp32), bench_generate on CUDA,
+#   bash tools/gpu.sh bench     # bench_logprob / bench_policy_loss / bench_decode_attention (bf16, fp32),
+#                               # bench_generate on CUDA (with and without the decode step's CUDA graphs),
 #                               # bench_train_step on the ~1.5B Qwen2-shaped config (MFU)
 #
 # Runs with whatever Python is first on PATH (a GPU image's own torch / triton), or $PYTHON. Missing
@@ -56,7 +57,9 @@ else
   for dt in bf16 fp32; do
     run "$py" $b/bench_logprob.py --dtype $dt --n 16384 --h 2048 --v 151936
     run "$py" $b/bench_policy_loss.py --dtype $dt --n 1048576
+    run "$py" $b/bench_decode_attention.py --device cuda --dtype $dt --batch 64 --context 4096
   done
+  run "$py" $b/bench_decode_attention.py --device cuda --dtype bf16 --batch 8 --context 32768
   run "$py" $b/bench_generate.py --device cuda --hidden 1024 --layers 16 --heads 16 --batch 64 --threads 0
   run "$py" $b/bench_train_step.py --config 1.5b --device cuda
 fi
@@ -64,7 +67,7 @@ fi
 if [ -n "${OUT:-}" ]; then
   cp "$log" "$OUT/"
   if [ "$stage" = bench ]; then
-    for f in logprob policy_loss generate train_step; do cp "benchmarks/results/bench_$f.jsonl" "$OUT/"; done
+    for f in logprob policy_loss decode_attention generate train_step; do cp "benchmarks/results/bench_$f.jsonl" "$OUT/"; done
   fi
 fi
 echo "tools/gpu.sh $stage: exit $rc (log: $log)"

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sailor_engine.kernels import cpu_attention
+from sailor_engine.kernels.decode_attention import decode_attention, default_splits
 
 try:  # flash-attn 2.x varlen kernel (CUDA only)
     from flash_attn import flash_attn_varlen_func as _flash_varlen
@@ -407,6 +408,34 @@ class CachedAttention:
     def commit(self) -> None:
         """Advance the slots' lengths once every layer has written its keys and values."""
         self.cache.lengths[self.slots] = self.end
+
+
+class StaticDecodeAttention:
+    """One new token per cache row, with static shapes and no host synchronisation: the decode step
+    a CUDA graph can capture (rollout/decode_graph.py), and its eager twin on any device.
+
+    slots: (B,) int64 device tensor of cache rows. Positions are read from cache.lengths on the device,
+    K and V are written there by index_put, attention is sailor_engine.kernels.decode_attention over the
+    rows in place (Triton on CUDA; its PyTorch path on CPU unless `impl` says otherwise), and commit()
+    advances the lengths on the device. Rows may repeat (padding rows share a scratch row: their writes
+    race, and their outputs are to be dropped). The caller keeps every row's length + 1 within the
+    cache: nothing here can check it without reading device memory.
+    """
+
+    def __init__(self, cache: KVCache, slots: Tensor, *, impl: str = "auto"):
+        self.cache, self.slots, self.impl = cache, slots, impl
+        self.positions = cache.lengths.index_select(0, slots)  # (B,) the new token's position
+        self.nvis = self.positions + 1
+        self.splits = default_splits(len(slots), cache.k.shape[2], cache.k.shape[-1], slots.device)
+
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        c = self.cache
+        c.k[layer, self.slots, :, :, self.positions] = k.to(c.k.dtype)  # (B, kv_heads, d)
+        c.v[layer, self.slots, :, self.positions] = v.to(c.v.dtype)
+        return decode_attention(q, c.k[layer], c.v[layer], self.slots, self.nvis, num_splits=self.splits, impl=self.impl)
+
+    def commit(self) -> None:
+        self.cache.lengths.index_put_((self.slots,), self.nvis)
 
 
 _ROW_ALIGN = 4  # query rows per bmm: a multiple of this on CPU (as transformer.ROW_ALIGN; a cycle forbids the import)

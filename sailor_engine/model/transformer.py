@@ -4,11 +4,12 @@ RMSNorm, RoPE (with Llama-3 frequency scaling), grouped-query attention, SwiGLU,
 (Qwen2), per-head q/k RMSNorm (Qwen3), tied or untied embeddings. Parameter names follow the
 Hugging Face layout (minus the "model." prefix), so checkpoints map one to one (see hf.py).
 
-Three forward modes, sharing every layer:
+Three forward modes (and a static-shape decode step), sharing every layer:
 
     logits = model(input_ids)                                  # (B, T) -> (B, T, V), padded batch
     hidden = model.forward_packed(input_ids, cu_seqlens)       # (N,) -> (N, H), packed varlen
     hidden = model.forward_cached(input_ids, cu_seqlens, cache, slots)   # append to a KV cache
+    hidden = model.forward_decode(input_ids, cache, slots)     # one token per row, CUDA-graph capturable
 
 forward_cached also takes `weights=FusedWeights(model)`: fused, transposed copies of the matrices
 for small-batch CPU generation (same arithmetic, fewer and faster matmuls; see FusedWeights).
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 
 from sailor_engine.kernels import cpu_decoder
 
-from .attention import CachedAttention, KVCache, PaddedAttention, VarlenAttention, resolve_backend
+from .attention import CachedAttention, KVCache, PaddedAttention, StaticDecodeAttention, VarlenAttention, resolve_backend
 from .config import ModelConfig
 
 
@@ -232,6 +233,19 @@ class Transformer(nn.Module):
             hidden = self._run(input_ids, attn.positions, attn)
         else:
             hidden = weights.run(input_ids, attn.positions, attn)
+        attn.commit()
+        return hidden
+
+    def forward_decode(self, input_ids: Tensor, cache: KVCache, slots: Tensor, *, attn_impl: str = "auto") -> Tensor:
+        """One new token per cache row: input_ids (B,), slots (B,) int64 on the model's device -> hidden (B, H).
+
+        forward_cached's decode step with static shapes and no host synchronisation (positions come
+        from cache.lengths on the device; attention is kernels.decode_attention), so a CUDA graph can
+        capture it (rollout/decode_graph.py). Agrees with forward_cached to rounding. Nothing is
+        validated: the caller keeps slots in range and every row's length below the cache's capacity.
+        """
+        attn = StaticDecodeAttention(cache, slots, impl=attn_impl)
+        hidden = self._run(input_ids, attn.positions, attn)
         attn.commit()
         return hidden
 

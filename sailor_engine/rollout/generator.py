@@ -15,6 +15,11 @@ appends a tool response and submits again only the new tokens are prefilled. Cac
 re-prefilled from its token history if it ever resumes (only slower: on CPU a token's numerics do not
 depend on how its sequence was chunked, so the re-prefilled row is bit for bit the decoded one).
 
+CUDA graphs. On CUDA a step in which every row decodes one token (most steps of a rollout) replays a
+CUDA graph of the decode step for its batch-size bucket (rollout/decode_graph.py: static shapes, no
+host synchronisation, captured at first use), so the host's launch overhead no longer paces decoding.
+Steps with a prefill chunk run eagerly. `decode_graphs=False` turns graphs off.
+
 Sampling. Per-request temperature / top-k / top-p / greedy, vectorised over the batch. Randomness
 comes from one torch.Generator per request (seeded from SamplingParams.seed and the request's index),
 so a seeded request draws the same tokens whatever else shares its batch. `logprobs` are
@@ -43,6 +48,7 @@ import torch
 from torch import Tensor
 
 from sailor_engine.model.transformer import FusedWeights, Transformer, fusable
+from sailor_engine.rollout.decode_graph import DecodeGraphs
 
 
 class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -115,7 +121,7 @@ class Generator:
 
     def __init__(self, model: Transformer, *, max_batch: int = 32, max_seq_len: int = 2048,
                  num_slots: int | None = None, detokenize: Callable[[list[int]], str] | None = None,
-                 seed: int = 0):
+                 seed: int = 0, decode_graphs: bool | None = None):
         if max_batch < 1:
             raise ValueError(f"Generator: max_batch must be >= 1, got {max_batch}")
         num_slots = num_slots or max_batch
@@ -124,7 +130,18 @@ class Generator:
         self.model, self.max_batch, self.max_seq_len = model, max_batch, max_seq_len
         self.detokenize = detokenize
         self.device = model.embed_tokens.weight.device
-        self.cache = model.new_kv_cache(num_slots, max_seq_len)
+        # CUDA: steps where every row decodes one token replay a CUDA graph (DecodeGraphs), whose
+        # padding rows write to one extra cache row. decode_graphs=True elsewhere runs the same static
+        # step eagerly (how the CPU tests cover it); False keeps every step eager.
+        cuda = self.device.type == "cuda"
+        if decode_graphs is None:
+            decode_graphs = cuda and fusable(model)
+        elif decode_graphs and not fusable(model):
+            raise ValueError("Generator: decode_graphs needs a plain single-device Transformer (no tensor "
+                             "parallelism, no DTensor parameters)")
+        self.cache = model.new_kv_cache(num_slots + decode_graphs, max_seq_len)
+        self.graphs = (DecodeGraphs(model, self.cache, scratch_slot=num_slots, max_batch=max_batch, capture=cuda)
+                       if decode_graphs else None)
         self.free_slots = list(range(num_slots))[::-1]
         self.sessions: dict[int, Session] = {}
         self.waiting: list[_Request] = []
@@ -132,7 +149,7 @@ class Generator:
         self._ids = itertools.count()
         self._clock = itertools.count(1)
         self._rng = torch.Generator().manual_seed(seed)
-        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "evictions": 0}
+        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "evictions": 0, "graph_steps": 0}
         # CPU: fused, transposed copies of the matrices (see FusedWeights), checked for staleness every
         # step. Not on CUDA, where cuBLAS reads W.T natively and a second copy of a large model would
         # only cost memory; not for stand-ins and sharded models, which keep their own forward_cached.
@@ -184,14 +201,11 @@ class Generator:
         ids = torch.tensor([t for c in chunks for t in c], device=self.device)
         cu = torch.tensor([0] + lens, device=self.device).cumsum(0)
         slots = torch.tensor([r.session.slot for r in self.running], device=self.device)
-        if self.fused is None:
-            hidden = self.model.forward_cached(ids, cu, self.cache, slots)
+        if self.graphs is not None and len(ids) == len(lens):  # every row decodes one token
+            logits = self.graphs(ids, slots)
+            self.stats["graph_steps"] += 1
         else:
-            self.fused.refresh()
-            hidden = self.model.forward_cached(ids, cu, self.cache, slots, weights=self.fused)
-        if len(ids) > len(lens):  # some chunk is longer than one token: keep the last position of each
-            hidden = hidden[cu[1:] - 1]
-        logits = (self.model.logits(hidden) if self.fused is None else self.fused.logits(hidden)).float()  # (R, V)
+            logits = self._forward(ids, cu, slots, chunked=len(ids) > len(lens))
         for r, n in zip(self.running, lens):
             r.session.cached += n
         tokens, logps = self._sample(logits)
@@ -229,6 +243,17 @@ class Generator:
         return [results[s.id] for s in sessions]
 
     # -- internals -----------------------------------------------------------------------------
+    def _forward(self, ids: Tensor, cu: Tensor, slots: Tensor, chunked: bool) -> Tensor:
+        """The eager step: forward_cached over the packed chunks -> (R, V) fp32 logits at each chunk's end."""
+        if self.fused is None:
+            hidden = self.model.forward_cached(ids, cu, self.cache, slots)
+        else:
+            self.fused.refresh()
+            hidden = self.model.forward_cached(ids, cu, self.cache, slots, weights=self.fused)
+        if chunked:  # some chunk is longer than one token: keep the last position of each
+            hidden = hidden[cu[1:] - 1]
+        return (self.model.logits(hidden) if self.fused is None else self.fused.logits(hidden)).float()
+
     def _admit(self) -> None:
         """Move waiting requests to running, in order, up to max_batch. A request whose session holds
         no cache row takes a free or evictable one; when every row is held by a busy session it stays

@@ -263,3 +263,58 @@ def test_cached_forward_under_cpu_autocast(cpu_path):
         got = model.logits(h.float())
     assert cache.lengths[1] == len(s)
     torch.testing.assert_close(got, want, atol=0.15, rtol=0.05)
+
+
+class _NoHostReads(torch.overrides.TorchFunctionMode):
+    """Fails any op that reads tensor values on the host (a synchronisation on CUDA, so not
+    capturable in a CUDA graph) or whose output shape depends on tensor values."""
+
+    SYNCING = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__,
+               torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.nonzero, torch.nonzero,
+               torch.Tensor.unique, torch.unique, torch.masked_select, torch.Tensor.masked_select}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.SYNCING:
+            raise AssertionError(f"{func.__name__} reads device memory on the host")
+        if func in (torch.repeat_interleave, torch.Tensor.repeat_interleave) and "output_size" not in (kwargs or {}):
+            raise AssertionError("repeat_interleave without output_size reads device memory on the host")
+        if func is torch.Tensor.__getitem__ and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                                   for i in (args[1] if isinstance(args[1], tuple) else (args[1],))):
+            raise AssertionError("boolean-mask indexing has a data-dependent shape")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("name", CFGS)
+def test_forward_decode_matches_forward_cached(name, impl):
+    """The static decode step (the generator's CUDA graph body): after a prefill, decoding tokens one
+    per row, rows in shuffled slots, padded with rows on a scratch slot, gives forward_cached's hidden
+    states to rounding, the same cache contents and lengths, and reads nothing on the host."""
+    model, seqs = make(name)
+    slots = torch.tensor([3, 0, 5, 1])
+    scratch = 6
+    caches = [model.new_kv_cache(num_slots=7, max_seq_len=40) for _ in range(2)]
+    g = torch.Generator().manual_seed(2)
+    with torch.inference_mode():
+        for cache in caches:
+            model.forward_cached(torch.cat(seqs), cu_of(seqs), cache, slots)
+        for step in range(5):
+            ids = torch.randint(0, model.cfg.vocab_size, (4,), generator=g)
+            want = model.forward_cached(ids, torch.arange(5), caches[0], slots)
+            pad_ids, pad_slots = torch.cat([ids, ids[:2]]), torch.cat([slots, torch.tensor([scratch] * 2)])
+            with _NoHostReads():
+                got = model.forward_decode(pad_ids, caches[1], pad_slots, attn_impl=impl)
+                caches[1].lengths[scratch : scratch + 1].zero_()
+            torch.testing.assert_close(got[:4], want, atol=2e-5, rtol=1e-5)
+    a, b = caches
+    assert a.lengths[:6].tolist() == b.lengths[:6].tolist()
+    for s, n in zip(slots.tolist(), a.lengths[slots].tolist()):
+        torch.testing.assert_close(b.k[:, s, ..., :n], a.k[:, s, ..., :n], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(b.v[:, s, :, :n], a.v[:, s, :, :n], atol=1e-5, rtol=1e-5)
+
+
+def test_the_host_read_guard_catches_a_sync():
+    with pytest.raises(AssertionError, match="reads device memory"), _NoHostReads():
+        int(torch.tensor([3]).max())
+    with pytest.raises(AssertionError, match="data-dependent"), _NoHostReads():
+        torch.arange(3)[torch.tensor([True, False, True])]
