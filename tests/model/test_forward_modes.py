@@ -214,7 +214,7 @@ def test_cached_tokens_do_not_depend_on_how_they_were_chunked(kv_heads, budget, 
     when its cache row was taken: anything else makes an RL trajectory follow tool timing. SDPA's
     flash kernel and baddbmm past ~512 rows both rounded unlike the one-token path. The generator's
     path (FusedWeights); the module path runs one-row GEMMs as GEMVs. small-blocks: a scores budget
-    that cuts long rows into blocks of 1-3 queries (a one-query block runs as two rows)."""
+    that cuts long rows into blocks of 1-3 queries (query rows are padded to a multiple of four)."""
     from sailor_engine.model import attention
     from sailor_engine.model.transformer import FusedWeights
 
