@@ -28,7 +28,19 @@ def device_name(device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+    return f"{_cpu_model()} ({platform.machine()}, {os.cpu_count()} cores)"
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), e.g. 'AMD EPYC': BLAS kernels, and so timings and
+    rounding, differ between vendors (MKL on AMD Zen 4 vs Intel Xeon)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def commit() -> str:
