@@ -32,7 +32,8 @@ from torch import Tensor, nn
 
 from sailor_engine.kernels import cpu_decoder
 
-from .attention import CachedAttention, KVCache, PaddedAttention, StaticDecodeAttention, VarlenAttention, resolve_backend
+from .attention import (CachedAttention, KVCache, PaddedAttention, StaticDecodeAttention, VarlenAttention,
+                        resolve_backend)
 from .config import ModelConfig
 
 
@@ -475,8 +476,9 @@ def _rows_aligned(f, x: Tensor) -> Tensor:
     generator row's logits would depend on its batch, which follows tool timing. With a multiple of
     four rows, a row's result is the same whatever the row count, its position and the thread count
     (AMD EPYC: every row count up to 140 and some up to 1200, at 1-8 threads and several row
-    offsets; on the Intel Xeon of earlier sessions every count >= 2 already was). Decode attention (OneTokenAttention: fixed key chunks, aligned rows,
-    padded query rows) and SwiGLU (blocks of rows below ATen's grain) are made batch-invariant the
-    same way. The cost is at most three extra rows per GEMM."""
+    offsets; on the Intel Xeon of earlier sessions every count >= 2 already was). Decode attention
+    (OneTokenAttention: fixed key chunks, aligned rows, padded query rows) and SwiGLU (blocks of
+    rows below ATen's grain) are made batch-invariant the same way. The cost is at most three extra
+    rows per GEMM."""
     n = x.shape[0]
     return f(x) if n % ROW_ALIGN == 0 else f(_pad_rows(x))[:n]
