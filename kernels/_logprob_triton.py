@@ -21,20 +21,16 @@ summation order differs from the tensor-core path).
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ._launch import interpreting as _interpreting
+from ._launch import on_device as _on
+
 # Finite stand-in for -inf on masked vocab lanes: exp(SENTINEL - m) underflows to exactly 0 for any
 # real max m, while -inf would give (-inf) - (-inf) = NaN on rows whose tiles are all masked.
 _SENTINEL = tl.constexpr(-1e30)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _configs(gpu: list[triton.Config], interp: triton.Config) -> list[triton.Config]:
@@ -195,11 +191,6 @@ def _dot_flags(dtype: torch.dtype) -> tuple[bool, str]:
         # match torch's own fp32 GEMMs
         return True, "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
     return False, "tf32"  # bf16 / fp16 go straight to the tensor cores; the flag concerns fp32 only
-
-
-def _on(device: torch.device):
-    # Triton launches on the current CUDA device, which need not be the tensors' device.
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _num_splits(n: int, v: int, device: torch.device) -> int:

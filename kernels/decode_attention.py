@@ -31,23 +31,20 @@ in [0, S). nvis is clamped to CAP in the kernel, so a bad length never reads pas
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from ._launch import interpreting as _interpreting
+from ._launch import on_device as _on
 
 # Finite stand-in for -inf on keys past a row's end: exp(_SENTINEL - m) underflows to exactly 0 for
 # any real max m, where -inf would give NaN on a split whose tiles are all masked.
 _SENTINEL = tl.constexpr(-1e30)
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -256,8 +253,3 @@ def _check(q, k_cache, v_cache, slots, nvis) -> tuple[int, int, int]:
     if len(devices) > 1:
         raise ValueError(f"decode_attention: all tensors must be on one device, got {sorted(map(str, devices))}")
     return B, H, D
-
-
-def _on(device: torch.device):
-    # Triton launches on the current CUDA device, which need not be the tensors' device.
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

@@ -29,17 +29,18 @@ in float64, while the kernel computes in fp32). The loss is fp32 (float64 for fl
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import numbers
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
+
+from ._launch import interpreting as _interpreting
+from ._launch import on_device as _on
 
 _KL_ESTIMATORS = {"k1": 1, "k2": 2, "k3": 3}
 _NUM_PARTIALS = 8  # per-block stat partials: n, n_low, n_high, n_dual, sum_r, max_r, sum_kl, pad
@@ -384,10 +385,6 @@ def _chunk_torch(logp, old_logp, adv, mask, ref_logp, cfg: _Config, compute: tor
 # ---------------------------------------------------------------------------------------------
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _block(n: int) -> tuple[int, int]:
     """(BLOCK, num_warps): 16 elements per thread for big N; the interpreter wants few, big blocks."""
     if _interpreting():
@@ -455,7 +452,7 @@ class _PolicyLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_stats, _grad_count):
         dlogp, mask = ctx.saved_tensors
         if ctx.use_triton:
-            with torch.cuda.device(dlogp.device) if dlogp.is_cuda else contextlib.nullcontext():
+            with _on(dlogp.device):
                 grad = _backward_triton(grad_loss, dlogp, mask, ctx.logp_dtype)
         else:
             grad = torch.where(mask != 0, grad_loss * dlogp, 0.0).to(ctx.logp_dtype)
@@ -512,7 +509,7 @@ def policy_loss(
     flat = lambda t: None if t is None else t.reshape(-1).contiguous()  # noqa: E731
     args = (flat(logp), flat(old_logp), flat(advantages), flat(loss_mask), flat(ref_logp))
     # Triton launches on the current CUDA device: make it logp's.
-    with torch.cuda.device(logp.device) if logp.is_cuda else contextlib.nullcontext():
+    with _on(logp.device):
         loss, stats, count = _PolicyLoss.apply(*args, cfg, compute, use_triton, adv_per_seq)
     return loss.view(logp.shape), PolicyLossStats(count, *stats.unbind(0))
 

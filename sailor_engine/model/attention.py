@@ -438,7 +438,20 @@ class StaticDecodeAttention:
         self.cache.lengths.index_put_((self.slots,), self.nvis)
 
 
-_ROW_ALIGN = 4  # query rows per bmm: a multiple of this on CPU (as transformer.ROW_ALIGN; a cycle forbids the import)
+ROW_ALIGN = 4
+"""CPU GEMMs of the generator run on a row count rounded up to a multiple of this (transformer._rows_aligned)."""
+
+
+def pad_rows(x: Tensor, dim: int = 0) -> Tensor:
+    """x with copies of its first row along `dim` appended, up to a multiple of ROW_ALIGN rows."""
+    pad = -x.shape[dim] % ROW_ALIGN
+    if pad == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = pad
+    return torch.cat([x, x.narrow(dim, 0, 1).expand(shape)], dim=dim)
+
+
 _PV_CHUNK = 128  # keys per probs @ V product in OneTokenAttention (batch invariance, see _attend_rows)
 _Q_BLOCK = 256  # queries per block in CachedAttention's CPU path for longer chunks, at most
 _SCORES_PER_BLOCK = 1 << 22  # and queries x kv heads x keys at most this (16 MiB of fp32 scores per g)
@@ -468,12 +481,10 @@ def _attend_rows(qg: Tensor, keys_t: Tensor, vals: Tensor, bias: Tensor, col0: i
     (K = 512..2048, 32 rows, one thread, Intel). (CUDA: one bmm; cuBLAS picks kernels by shape
     anyway, batch invariance there would take kernels of its own.)"""
     K, M = keys_t.shape[-1], qg.shape[1]
-    if M % _ROW_ALIGN and qg.device.type == "cpu":  # rows padded to a multiple of 4 (transformer._rows_aligned)
-        pad = -M % _ROW_ALIGN
-        qg = torch.cat([qg, qg[:, :1].expand(-1, pad, -1)], dim=1)
+    if M % ROW_ALIGN and qg.device.type == "cpu":  # rows padded to a multiple of 4 (transformer._rows_aligned)
         if bias.shape[-2] == M and M > 1:  # a per-row bias is padded with its first row's
-            bias = torch.cat([bias, bias[..., :1, :].expand(*bias.shape[:-2], pad, bias.shape[-1])], dim=-2)
-        return _attend_rows(qg, keys_t, vals, bias, col0)[:, :M].contiguous()
+            bias = pad_rows(bias, dim=-2)
+        return _attend_rows(pad_rows(qg, dim=1), keys_t, vals, bias, col0)[:, :M].contiguous()
     # not baddbmm(bias, ...): past some size it rounds differently (M = 512 vs 2 rows), bmm does not
     scores = torch.bmm(qg * (1 / math.sqrt(qg.shape[-1])), keys_t)
     scores[..., col0:].add_(bias)

@@ -32,8 +32,8 @@ from torch import Tensor, nn
 
 from sailor_engine.kernels import cpu_decoder
 
-from .attention import (CachedAttention, KVCache, PaddedAttention, StaticDecodeAttention, VarlenAttention,
-                        resolve_backend)
+from .attention import (ROW_ALIGN, CachedAttention, KVCache, PaddedAttention, StaticDecodeAttention,
+                        VarlenAttention, pad_rows, resolve_backend)
 from .config import ModelConfig
 
 
@@ -436,7 +436,7 @@ def _residual_matmul(res: Tensor, x: Tensor, w_t: Tensor, b: Tensor | None) -> T
     """res + (x @ w_t + b); without a bias the residual add happens inside the GEMM (one op)."""
     n = x.shape[0]
     if n % ROW_ALIGN:  # as _rows_aligned
-        return _residual_matmul(_pad_rows(res), _pad_rows(x), w_t, b)[:n]
+        return _residual_matmul(pad_rows(res), pad_rows(x), w_t, b)[:n]
     return torch.addmm(res, x, w_t) if b is None else res + torch.addmm(b, x, w_t)
 
 
@@ -457,16 +457,6 @@ def _swiglu_(gu: Tensor) -> Tensor:
     return gu[:, :inter]
 
 
-ROW_ALIGN = 4
-"""CPU GEMMs of the generator run on a row count rounded up to a multiple of this (see _rows_aligned)."""
-
-
-def _pad_rows(x: Tensor) -> Tensor:
-    """x (n, ...) with copies of its first row appended up to a multiple of ROW_ALIGN rows."""
-    pad = -x.shape[0] % ROW_ALIGN
-    return x if pad == 0 else torch.cat([x, x[:1].expand(pad, *x.shape[1:])])
-
-
 def _rows_aligned(f, x: Tensor) -> Tensor:
     """f(x) for a row-wise GEMM f, run on a multiple of ROW_ALIGN rows (the padding rows are dropped).
 
@@ -481,4 +471,4 @@ def _rows_aligned(f, x: Tensor) -> Tensor:
     rows below ATen's grain) are made batch-invariant the same way. The cost is at most three extra
     rows per GEMM."""
     n = x.shape[0]
-    return f(x) if n % ROW_ALIGN == 0 else f(_pad_rows(x))[:n]
+    return f(x) if n % ROW_ALIGN == 0 else f(pad_rows(x))[:n]

@@ -53,7 +53,6 @@ class DecodeGraphs:
             raise ValueError(f"DecodeGraphs: scratch_slot {scratch_slot} is not a row of the cache ({cache.num_slots} rows)")
         self.model, self.cache, self.scratch, self.capture, self.attn_impl = model, cache, scratch_slot, capture, attn_impl
         self.buckets = buckets(max_batch)
-        self.max_batch = max_batch
         self.ids = torch.zeros(max_batch, dtype=torch.int64, device=device)
         self.slots = torch.full((max_batch,), scratch_slot, dtype=torch.int64, device=device)
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
@@ -67,16 +66,17 @@ class DecodeGraphs:
         advances cache.lengths[slots] by one."""
         R = len(ids)
         B = next(b for b in self.buckets if b >= R)
+        if self.capture:
+            self._check_addresses()
+            key = (B, torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+            if key not in self.graphs:  # before this call's inputs are written: capture overwrites them
+                self.graphs[key] = self._capture(B)
         self.ids[:R].copy_(ids)
         self.slots[:R].copy_(slots)
         self.ids[R:B].zero_()
         self.slots[R:B].fill_(self.scratch)
         if not self.capture:
             return self._step(B)[:R]
-        self._check_addresses()
-        key = (B, torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(B)
         graph, logits = self.graphs[key]
         graph.replay()
         self.stats["replays"] += 1
@@ -89,9 +89,7 @@ class DecodeGraphs:
         return logits
 
     def _capture(self, B: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
-        # Warm-up and capture run with every row on the scratch row, so no real row is touched;
-        # the caller's ids and slots are put back before the first replay.
-        ids, slots = self.ids[:B].clone(), self.slots[:B].clone()
+        # Warm-up and capture run with every row on the scratch row, so no real row is touched.
         self.ids[:B].zero_()
         self.slots[:B].fill_(self.scratch)
         stream = torch.cuda.Stream(self.ids.device)
@@ -102,8 +100,6 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             logits = self._step(B)
-        self.ids[:B].copy_(ids)
-        self.slots[:B].copy_(slots)
         self.stats["captures"] += 1
         return graph, logits
 
