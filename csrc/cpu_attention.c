@@ -41,19 +41,34 @@ static inline __attribute__((always_inline)) void attend_head(const float *qs, c
   const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   vf mx[RMAX], sum[RMAX];
   for (int64_t j = 0; j < R; ++j) mx[j] = splat(-INFINITY), sum[j] = splat(0.0f);
-  for (int64_t k0 = 0; k0 < kb; k0 += W) {
-    vf a[RMAX];
-    for (int64_t j = 0; j < R; ++j) a[j] = splat(0.0f);
-    for (int64_t e = 0; e < d; ++e) {
-      const vf kr = load(kt + e * cap + k0);
-      for (int64_t j = 0; j < R; ++j) a[j] = a[j] + qs[j * d + e] * kr;
+  /* Scores, U blocks of W keys at a time: each score is still one sum over d in order, but U * R of
+   * them are independent, so the adds' latency overlaps (R alone is 1-2 in decode). */
+  const int64_t U = R >= 8 ? 1 : R >= 4 ? 2 : 4;
+  for (int64_t k0 = 0; k0 < kb; k0 += U * W) {
+    const int64_t u_n = (kb - k0) / W < U ? (kb - k0) / W : U;
+    vf a[4][RMAX];
+    for (int64_t u = 0; u < U; ++u)
+      for (int64_t j = 0; j < R; ++j) a[u][j] = splat(0.0f);
+    if (u_n == U) {
+      for (int64_t e = 0; e < d; ++e)
+        for (int64_t u = 0; u < U; ++u) {
+          const vf kr = load(kt + e * cap + k0 + u * W);
+          for (int64_t j = 0; j < R; ++j) a[u][j] = a[u][j] + qs[j * d + e] * kr;
+        }
+    } else {
+      for (int64_t u = 0; u < u_n; ++u)
+        for (int64_t e = 0; e < d; ++e) {
+          const vf kr = load(kt + e * cap + k0 + u * W);
+          for (int64_t j = 0; j < R; ++j) a[u][j] = a[u][j] + qs[j * d + e] * kr;
+        }
     }
-    for (int64_t j = 0; j < R; ++j) {
-      const vi live = lane < (vi){0} + (int32_t)(K0 + j / g - k0);
-      a[j] = vselect(live, a[j], splat(-INFINITY));
-      mx[j] = vselect(a[j] > mx[j], a[j], mx[j]);
-      store(s + j * cap + k0, a[j]);
-    }
+    for (int64_t u = 0; u < u_n; ++u)
+      for (int64_t j = 0; j < R; ++j) {
+        const vi live = lane < (vi){0} + (int32_t)(K0 + j / g - k0 - u * W);
+        const vf x = vselect(live, a[u][j], splat(-INFINITY));
+        mx[j] = vselect(x > mx[j], x, mx[j]);
+        store(s + j * cap + k0 + u * W, x);
+      }
   }
   float inv[RMAX];
   for (int64_t j = 0; j < R; ++j) {
