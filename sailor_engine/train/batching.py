@@ -6,7 +6,7 @@ laid back to back (no padding) and delimited by cu_seqlens, so attention never c
 
     mb = pack([Sequence(ids, mask, logps), ...])
     hidden = model.forward_packed(mb.input_ids, mb.cu_seqlens)            # (N, H)
-    logp = fused_linear_logprob(hidden, model.output_weight, mb.targets)  # (N,)
+    logp = fused_linear_logprob(hidden, model.output_weight, mb.loss_targets)  # (N,): 0 off the loss rows
 
 Splitting a batch into micro-batches under a token budget: `split_by_tokens` keeps the batch order
 (greedy next-fit); `ffd_split` packs first-fit-decreasing (numba), typically fewer, fuller
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+IGNORE_INDEX = -100  # fused_linear_logprob's default ignore_index
 
 @dataclass(frozen=True)
 class Sequence:
@@ -43,6 +44,13 @@ class PackedBatch:
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
+
+    @property
+    def loss_targets(self) -> Tensor:
+        """targets, with IGNORE_INDEX where the loss mask is 0: fused_linear_logprob gives those rows
+        log-prob 0 without computing them (in agent trajectories most rows are prompt and tool
+        responses), and they carry no loss or gradient anyway."""
+        return self.targets.masked_fill(self.loss_mask == 0, IGNORE_INDEX)
 
     def to(self, device: torch.device | str) -> "PackedBatch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731

@@ -124,7 +124,8 @@ def run_step(stage: nn.Module, tp_group, mbs: list[list[Sequence]], rt: Runtime)
 
     def loss_fn(hidden: torch.Tensor, i: int) -> torch.Tensor:  # micro-batch i's share of the step's loss
         # fp32 loss math on fp32 log-probs; the head's matmul in rt's compute dtype (setup.Runtime)
-        logp = fused_linear_logprob(*rt.head_inputs(hidden, net.output_weight), packed[i].targets, tp_group=tp_group)
+        logp = fused_linear_logprob(*rt.head_inputs(hidden, net.output_weight), packed[i].loss_targets,
+                                    tp_group=tp_group)  # loss rows only
         return rft_loss(logp, packed[i].loss_mask, norm)
 
     mbs = [MicroBatch.packed(p.input_ids, p.cu_seqlens) for p in packed]

@@ -238,13 +238,14 @@ def run_update(stage, model, mini: list[tuple[Sequence, float]], cfg: Config, rt
         p, x = packed[i], xs[i]
         old = p.old_logp if p.old_logp is not None else torch.zeros_like(p.loss_mask)  # a padding micro-batch
         a = torch.tensor([adv.get(id(s), 0.0) for s in mbs[i]], dtype=torch.float32, device=rt.device)
-        logp, ent = fused_linear_logprob(*rt.head_inputs(hidden, net.output_weight), p.targets,
+        targets = p.loss_targets  # the head runs on loss rows only (logp, entropy 0 elsewhere)
+        logp, ent = fused_linear_logprob(*rt.head_inputs(hidden, net.output_weight), targets,
                                          tp_group=model.tp_group, temperature=temperature, return_entropy=True)
         ref_logp = None
         if ref is not None:
             with torch.no_grad(), rt.autocast():
                 ref_hidden = ref(x.input_ids, x.cu_seqlens, x.positions)
-            ref_logp = fused_linear_logprob(*rt.head_inputs(ref_hidden, ref.output_weight), p.targets,
+            ref_logp = fused_linear_logprob(*rt.head_inputs(ref_hidden, ref.output_weight), targets,
                                             tp_group=model.tp_group, temperature=temperature)
         loss, st = rl_loss(logp, old, a, p.loss_mask, norm, cfg.algo, seq_ids=p.seq_ids, ref_logp=ref_logp,
                            entropy=ent if cfg.algo.entropy_coef > 0 else None)

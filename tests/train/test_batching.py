@@ -72,3 +72,36 @@ def test_pack_layout():
     with pytest.raises(ValueError, match="at least 2 tokens"):
         pack([Sequence([1], [0])])
     assert pack([a, Sequence([1, 2], [0, 1])]).old_logp is None and isinstance(p.input_ids, torch.Tensor)
+
+
+def test_loss_targets_skip_the_rows_without_loss_and_keep_the_loss_and_its_gradients():
+    """The trainers hand fused_linear_logprob `loss_targets` (ignore_index off the loss mask), so the
+    LM head runs on policy tokens only: the same log-probs there, 0 elsewhere, and the same loss and
+    gradients as the full head (float64: any gap would be a real difference, not rounding)."""
+    from sailor_engine.kernels.logprob import fused_linear_logprob
+    from sailor_engine.parallel.data import rft_loss
+    from sailor_engine.rl.loss import global_norm
+
+    g = torch.Generator().manual_seed(0)
+    seqs = [Sequence(torch.randint(0, 11, (n,), generator=g).tolist(), m)
+            for n, m in ((6, [0, 0, 1, 1, 0, 1]), (4, [0, 0, 0, 1]), (5, [0, 0, 0, 0, 0]))]
+    p = pack(seqs)
+    on = p.loss_mask != 0
+    assert torch.equal(p.loss_targets[on], p.targets[on]) and bool((p.loss_targets[~on] == -100).all())
+    norm = global_norm([p.loss_mask], [p.seq_ids])
+    w = torch.randn(11, 8, generator=g, dtype=torch.float64)
+    h = torch.randn(p.num_tokens, 8, generator=g, dtype=torch.float64)
+    grads = []
+    for targets in (p.targets, p.loss_targets):
+        wi, hi = w.clone().requires_grad_(), h.clone().requires_grad_()
+        logp = fused_linear_logprob(hi, wi, targets, impl="torch")
+        loss = rft_loss(logp, p.loss_mask, norm)
+        loss.backward()
+        grads.append((logp.detach(), loss.detach(), wi.grad, hi.grad))
+    (full, lf, gw_f, gh_f), (mine, lm, gw_m, gh_m) = grads
+    torch.testing.assert_close(mine[on], full[on], rtol=0, atol=1e-12)
+    assert torch.equal(mine[~on], torch.zeros_like(mine[~on]))
+    torch.testing.assert_close(lm, lf, rtol=0, atol=1e-12)
+    torch.testing.assert_close(gw_m, gw_f, rtol=0, atol=1e-12)
+    torch.testing.assert_close(gh_m, gh_f, rtol=0, atol=1e-12)
+    assert torch.equal(gh_m[~on], torch.zeros_like(gh_m[~on]))
