@@ -25,6 +25,7 @@ from torch import Tensor
 
 IGNORE_INDEX = -100  # fused_linear_logprob's default ignore_index
 
+
 @dataclass(frozen=True)
 class Sequence:
     token_ids: list[int]
