@@ -27,6 +27,29 @@
 #define RMAX 8  /* query rows attended together (heads of one kv head x queries), at most */
 #define CMAX 16 /* head_dim / W, at most (head_dim <= 256) */
 
+/* Scores of rows j < R (see attend_head) against nu blocks of W keys from k0, each one sum over d
+ * in order, stored in s; lanes past a row's end hold -inf. mx: the rows' running maxima. */
+static inline __attribute__((always_inline)) void score_blocks(const float *qs, const float *kt, int64_t k0, int64_t nu,
+                                                               int64_t K0, int64_t g, int64_t R, int64_t d, int64_t cap,
+                                                               float *s, vf *mx) {
+  const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  vf a[4][RMAX];
+  for (int64_t u = 0; u < nu; ++u)
+    for (int64_t j = 0; j < R; ++j) a[u][j] = splat(0.0f);
+  for (int64_t e = 0; e < d; ++e)
+    for (int64_t u = 0; u < nu; ++u) {
+      const vf kr = load(kt + e * cap + k0 + u * W);
+      for (int64_t j = 0; j < R; ++j) a[u][j] = a[u][j] + qs[j * d + e] * kr;
+    }
+  for (int64_t u = 0; u < nu; ++u)
+    for (int64_t j = 0; j < R; ++j) {
+      const vi live = lane < (vi){0} + (int32_t)(K0 + j / g - k0 - u * W);
+      const vf x = vselect(live, a[u][j], splat(-INFINITY));
+      mx[j] = vselect(x > mx[j], x, mx[j]);
+      store(s + j * cap + k0 + u * W, x);
+    }
+}
+
 /* Rows j = t * g + jj: query head jj of one kv head, for m consecutive queries t of one cache row
  * (a prefill chunk; m = 1 in decode), query t seeing keys [0, K0 + t). qs: m * g rows of d,
  * pre-scaled; row j's output goes to out + t * ostride + jj * d. s: scratch, m * g rows of cap.
@@ -41,35 +64,13 @@ static inline __attribute__((always_inline)) void attend_head(const float *qs, c
   const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   vf mx[RMAX], sum[RMAX];
   for (int64_t j = 0; j < R; ++j) mx[j] = splat(-INFINITY), sum[j] = splat(0.0f);
-  /* Scores, U blocks of W keys at a time: each score is still one sum over d in order, but U * R of
-   * them are independent, so the adds' latency overlaps (R alone is 1-2 in decode). */
+  /* Scores, U blocks of W keys at a time (then the last blocks one by one): each score is still one
+   * sum over d in order, but U * R of them are independent, so the adds' latency overlaps (R alone is
+   * 1-2 in decode). */
   const int64_t U = R >= 8 ? 1 : R >= 4 ? 2 : 4;
-  for (int64_t k0 = 0; k0 < kb; k0 += U * W) {
-    const int64_t u_n = (kb - k0) / W < U ? (kb - k0) / W : U;
-    vf a[4][RMAX];
-    for (int64_t u = 0; u < U; ++u)
-      for (int64_t j = 0; j < R; ++j) a[u][j] = splat(0.0f);
-    if (u_n == U) {
-      for (int64_t e = 0; e < d; ++e)
-        for (int64_t u = 0; u < U; ++u) {
-          const vf kr = load(kt + e * cap + k0 + u * W);
-          for (int64_t j = 0; j < R; ++j) a[u][j] = a[u][j] + qs[j * d + e] * kr;
-        }
-    } else {
-      for (int64_t u = 0; u < u_n; ++u)
-        for (int64_t e = 0; e < d; ++e) {
-          const vf kr = load(kt + e * cap + k0 + u * W);
-          for (int64_t j = 0; j < R; ++j) a[u][j] = a[u][j] + qs[j * d + e] * kr;
-        }
-    }
-    for (int64_t u = 0; u < u_n; ++u)
-      for (int64_t j = 0; j < R; ++j) {
-        const vi live = lane < (vi){0} + (int32_t)(K0 + j / g - k0 - u * W);
-        const vf x = vselect(live, a[u][j], splat(-INFINITY));
-        mx[j] = vselect(x > mx[j], x, mx[j]);
-        store(s + j * cap + k0 + u * W, x);
-      }
-  }
+  int64_t k1 = 0;
+  for (; k1 + U * W <= kb; k1 += U * W) score_blocks(qs, kt, k1, U, K0, g, R, d, cap, s, mx);
+  for (; k1 < kb; k1 += W) score_blocks(qs, kt, k1, 1, K0, g, R, d, cap, s, mx);
   float inv[RMAX];
   for (int64_t j = 0; j < R; ++j) {
     const vf mj = splat(hmax(mx[j]));

@@ -271,10 +271,11 @@ def _zeros_huge_pages(shape: tuple[int, ...], dtype: torch.dtype, device: torch.
     default). Only a hint: where it is refused (another OS, THP off) the tensor is the same."""
     t = torch.empty(shape, dtype=dtype, device=device)
     nbytes = t.numel() * t.element_size()
-    if t.device.type == "cpu" and sys.platform.startswith("linux") and nbytes >= 4 * _HUGE_PAGE and _madvise():
+    madvise = _madvise() if t.device.type == "cpu" and sys.platform.startswith("linux") else None
+    if madvise is not None and nbytes >= 4 * _HUGE_PAGE:
         start = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE  # the whole huge pages inside the buffer
         end = (t.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
-        _madvise()(start, end - start, _MADV_HUGEPAGE)
+        madvise(start, end - start, _MADV_HUGEPAGE)
     return t.zero_()
 
 
