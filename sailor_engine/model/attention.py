@@ -1,7 +1,8 @@
 """Causal attention for the three forward modes, with the optional backends detected once.
 
     PaddedAttention   (B, T) batches, optional key-padding mask         -> SDPA
-    VarlenAttention   a packed token stream split by cu_seqlens          -> flash-attn | xformers | flex | sdpa
+    VarlenAttention   a packed token stream split by cu_seqlens          -> flash-attn | xformers | flex | native
+                                                                           (C, CPU fp32) | sdpa
     CachedAttention   new tokens appended to a slab KV cache, per slot   -> C kernel (CPU, fp32) | batched
                                                                            one-token matmuls (CPU) | SDPA
 
@@ -11,7 +12,8 @@ k / v: (..., num_kv_heads, head_dim); GQA maps query head i to kv head i // (num
 the Llama / Qwen convention.
 
 Backends: flash-attn and xformers are import-guarded (they cannot even be installed on CPU machines);
-FlexAttention and SDPA ship with torch. `backend_status()` reports what is usable and why not;
+FlexAttention and SDPA ship with torch; native is the C kernel of sailor_engine.kernels.cpu_flash
+(CPU, fp32, compiled at first use). `backend_status()` reports what is usable and why not;
 `resolve_backend()` turns "auto" into the best available one for a device and dtype. A forced backend
 that is unavailable is an error, never a silent substitute.
 """
@@ -28,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sailor_engine.kernels import cpu_attention
+from sailor_engine.kernels import cpu_attention, cpu_flash
 from sailor_engine.kernels.decode_attention import decode_attention, default_splits
 
 try:  # flash-attn 2.x varlen kernel (CUDA only)
@@ -53,7 +55,7 @@ except ImportError as e:  # pragma: no cover - torch >= 2.5 always has it
     create_block_mask = flex_attention = None
     _FLEX_ERR = f"{type(e).__name__}: {e}"
 
-BACKENDS = ("flash_attn", "xformers", "flex", "sdpa")
+BACKENDS = ("flash_attn", "xformers", "flex", "native", "sdpa")
 HAS_FLASH_ATTN = _flash_varlen is not None
 HAS_XFORMERS = _xfmha is not None
 HAS_FLEX = flex_attention is not None
@@ -71,15 +73,19 @@ def backend_status() -> dict[str, str]:
         else:
             status[name] = "available"
     status["flex"] = "available" if HAS_FLEX else f"unavailable: {_FLEX_ERR}"
+    status["native"] = "available (CPU, float32)" if cpu_flash.available() else cpu_flash.status()
     status["sdpa"] = "available"
     return status
 
 
-def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Turn "auto" into a concrete backend for (device, dtype); validate a forced one.
+def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype, *, head_dim: int | None = None,
+                    group: int = 1) -> str:
+    """Turn "auto" into a concrete backend for (device, dtype) and the heads' shape (head_dim, query
+    heads per kv head); validate a forced one.
 
-    auto on CUDA: flash-attn (fp16/bf16 only) > xformers > flex > sdpa. auto on CPU: sdpa, since
-    FlexAttention without torch.compile materialises the whole (N, N) score matrix of the pack.
+    auto on CUDA: flash-attn (fp16/bf16 only) > xformers > flex > sdpa. auto on CPU: native (the C
+    kernel, fp32, when it builds and takes the shape), else sdpa; never flex, which without
+    torch.compile materialises the whole (N, N) score matrix of the pack.
     """
     if requested not in ("auto",) + BACKENDS:
         raise ValueError(f"model.attn_backend must be one of auto, {', '.join(BACKENDS)}; got {requested!r}")
@@ -92,6 +98,8 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) ->
             return "xformers"
         if cuda and HAS_FLEX:
             return "flex"
+        if not cuda and _native_reason(device, dtype, head_dim, group) is None:
+            return "native"
         return "sdpa"
     reason = None
     if requested == "flash_attn" and (not HAS_FLASH_ATTN or not cuda or not half):
@@ -100,9 +108,23 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) ->
         reason = _XF_ERR or "needs CUDA"
     elif requested == "flex" and not HAS_FLEX:
         reason = _FLEX_ERR
+    elif requested == "native":
+        reason = _native_reason(device, dtype, head_dim, group)
     if reason:
         raise RuntimeError(f"attention backend {requested!r} was forced but is unavailable: {reason}")
     return requested
+
+
+def _native_reason(device: torch.device, dtype: torch.dtype, head_dim: int | None, group: int) -> str | None:
+    """Why the native backend cannot run here, or None."""
+    if device.type != "cpu":
+        return f"needs the CPU, got {device.type}"
+    if dtype != torch.float32:
+        return f"needs float32, got {dtype}"
+    if head_dim is None or not cpu_flash.supports(head_dim, group):
+        return (f"takes head_dim a multiple of 16 in [16, 256] and at most 16 query heads per kv head, "
+                f"got head_dim {head_dim}, {group} per kv head")
+    return None if cpu_flash.available() else cpu_flash.status()
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, **kw) -> Tensor:
@@ -159,6 +181,9 @@ class VarlenAttention:
             o = _sdpa(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None], is_causal=True)
             outs.append(o[0].transpose(0, 1))
         return torch.cat(outs) if outs else q.new_empty(q.shape)
+
+    def _native(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return cpu_flash.flash_varlen(q, k, v, self.cu)
 
     def _flex(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         N = q.shape[0]

@@ -42,8 +42,9 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     tie_word_embeddings: Annotated[bool, Meta(description="LM head shares the embedding matrix.")] = True
     max_position_embeddings: Annotated[int, Meta(ge=1, description="Longest supported sequence.")] = 4096
     attn_backend: Annotated[
-        Literal["auto", "flash_attn", "xformers", "flex", "sdpa"],
-        Meta(description="Attention backend for packed sequences; auto picks the best available."),
+        Literal["auto", "flash_attn", "xformers", "flex", "native", "sdpa"],
+        Meta(description="Attention backend for packed sequences (native: the C kernel, CPU fp32); auto picks "
+                         "the best available."),
     ] = "auto"
 
     def __post_init__(self) -> None:

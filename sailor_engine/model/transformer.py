@@ -275,7 +275,9 @@ class Transformer(nn.Module):
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.embed_tokens.weight.dtype
         key = (dev, dtype)
         if key not in self._backend_cache:
-            self._backend_cache[key] = resolve_backend(self.cfg.attn_backend, device, key[1])
+            c = self.cfg
+            self._backend_cache[key] = resolve_backend(c.attn_backend, device, key[1], head_dim=c.dim_per_head,
+                                                       group=c.num_heads // c.num_kv_heads)
         return self._backend_cache[key]
 
 

@@ -167,10 +167,14 @@ class PipelineStage(nn.Module):
         return None
 
     def forward(self, x: Tensor, cu_seqlens: Tensor, positions: Tensor, max_seqlen: int | None = None) -> Tensor:
-        dtype = x.dtype if self.embed_tokens is None else self.embed_tokens.weight.dtype  # of the activations
-        key = (x.device.type, dtype)
+        dev = x.device.type  # the dtype attention computes in: autocast's under autocast, else the activations'
+        dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
+                 else x.dtype if self.embed_tokens is None else self.embed_tokens.weight.dtype)
+        key = (dev, dtype)
         if key not in self._backends:
-            self._backends[key] = resolve_backend(self.cfg.attn_backend, x.device, dtype)
+            c = self.cfg
+            self._backends[key] = resolve_backend(c.attn_backend, x.device, dtype, head_dim=c.dim_per_head,
+                                                  group=c.num_heads // c.num_kv_heads)
         return self._run(x, positions, VarlenAttention(cu_seqlens, self._backends[key], max_seqlen))
 
     def forward_cached(self, x: Tensor, cu_seqlens: Tensor, cache: KVCache, slots: Tensor) -> Tensor:

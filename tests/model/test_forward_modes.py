@@ -178,8 +178,9 @@ def test_packed_positions_restart_per_sequence():
 def test_backend_resolution_on_cpu():
     status = backend_status()
     assert status["sdpa"] == "available"
-    assert set(status) == {"flash_attn", "xformers", "flex", "sdpa"}
-    assert resolve_backend("auto", torch.device("cpu"), torch.float32) == "sdpa"
+    assert set(status) == {"flash_attn", "xformers", "flex", "native", "sdpa"}
+    # auto on the CPU: the C kernel (tests/kernels/test_cpu_flash.py) for shapes it takes, else SDPA
+    assert resolve_backend("auto", torch.device("cpu"), torch.float32) == "sdpa"  # no head_dim given
     if not torch.cuda.is_available():
         assert status["flash_attn"].startswith("unavailable")
         with pytest.raises(RuntimeError, match="'flash_attn' was forced but is unavailable"):

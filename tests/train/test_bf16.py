@@ -92,7 +92,7 @@ def test_attention_backend_and_dtypes_follow_autocast(monkeypatch):
 
     seen = []
     monkeypatch.setattr("sailor_engine.model.transformer.resolve_backend",
-                        lambda req, dev, dt: seen.append(dt) or "sdpa")
+                        lambda req, dev, dt, **shape: seen.append(dt) or "sdpa")
     m = Transformer(config().model)
     m._backend(CPU)
     with torch.autocast("cpu", dtype=torch.bfloat16):
