@@ -91,7 +91,10 @@ def test_tool_spec_is_the_chat_template_function_format():
 
 
 def test_load_with_hanging_calls_finishes_within_the_timeout_bound():
-    calls, concurrency, latency, timeout = 1000, 100, 0.005, 0.2
+    # timeout 1 s: with 0.2 s a fresh-clone CI run on this loaded 2-core VM saw one 5 ms call time out
+    # (the loop thread descheduled for ~0.2 s); what is tested is unchanged: hanging calls end at the
+    # timeout, the others succeed, and the whole map stays within one timeout of the ideal
+    calls, concurrency, latency, timeout = 1000, 100, 0.005, 1.0
     hanging = set(range(0, calls, 20))  # 5%
 
     async def behave(key, _n):
@@ -111,7 +114,7 @@ def test_load_with_hanging_calls_finishes_within_the_timeout_bound():
     assert wall < bound, (wall, bound)
     for i, o in enumerate(obs):
         if i in hanging:
-            assert (o.ok, o.error_kind, o.text) == (False, "timeout", "[tool error] slow: timeout after 0.2s")
+            assert (o.ok, o.error_kind, o.text) == (False, "timeout", "[tool error] slow: timeout after 1s")
             assert timeout - 0.005 <= o.latency_s < timeout + 3.0  # uvloop timers have 1 ms resolution
         else:
             assert (o.ok, o.text, o.attempts) == (True, f"result {i}", 1)
