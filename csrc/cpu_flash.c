@@ -5,8 +5,10 @@
  * a whole score matrix; it saves each row's log-sum-exp, from which the backward recomputes the
  * probabilities block by block. torch's CPU flash kernel reaches about a third of two cores' fp32
  * peak at head_dim 32 (the demo model's); here the products are register-tiled small GEMMs on blocks
- * that stay in L1/L2 (about 60% of peak), and each (sequence, kv head) is one task, run start to end
- * by one thread.
+ * that stay in L1/L2 (about 60% of peak), and each (sequence, kv head) is one job, run start to end
+ * by one thread. A sequence whose work alone exceeds a thread's share is cut into jobs of 256
+ * queries (forward, dq) and 256 keys (dk, dv): each computes its values exactly as the whole-sequence
+ * job does (make_jobs, bwd_task).
  *
  * Layouts (float32, C-contiguous):
  *   q, o, dq, do  (N, H, d)      k, v, dk, dv  (N, kvh, d)      lse  (N, H)
@@ -14,9 +16,9 @@
  * Query head j reads kv head j / (H / kvh). Token t of a sequence sees its tokens 0..t.
  *
  * Determinism: every sum has a fixed order that depends on the sequence alone (products over d or
- * over a key block in index order; dK, dV and dQ accumulated over blocks in index order), and a task
- * writes only its own rows, so results do not depend on the thread count, the schedule, or the other
- * sequences of the pack. Plain IEEE mul and add (built with -ffp-contract=off).
+ * over a key block in index order; dK, dV and dQ accumulated over blocks in index order), and a job
+ * writes only its own rows, so results do not depend on the thread count, the schedule, the split
+ * into jobs, or the other sequences of the pack. Plain IEEE mul and add (built with -ffp-contract=off).
  */
 #include <math.h>
 #include <stdint.h>
@@ -162,16 +164,17 @@ static void task_free(task_t *t) {
   free(t->q), free(t->kt), free(t->k), free(t->v), free(t->vt), free(t->s), free(t->p);
 }
 
-/* Forward of sequence tokens [t0, t0 + L), kv head h. Returns 0 or -1 (out of memory). */
+/* Forward of the queries [lo, hi) of sequence tokens [t0, t0 + L), kv head h (lo a multiple of BQ).
+ * A query's result depends on its sequence alone, never on [lo, hi). Returns 0 or -1 (out of memory). */
 static int fwd_task(const float *q, const float *k, const float *v, float *o, float *lse, int64_t t0, int64_t L,
-                    int64_t H, int64_t kvh, int64_t d, int64_t h) {
+                    int64_t H, int64_t kvh, int64_t d, int64_t h, int64_t lo, int64_t hi) {
   const int64_t g = H / kvh;
   task_t t;
   float *acc = alloc(BQ * g * d), *m = alloc(BQ * g), *l = alloc(BQ * g), *sums = alloc(BQ * g);
   int ok = task_alloc(&t, L, g, d, 0) && acc && m && l && sums;
   if (ok) {
     gather(&t, q, k, v, t0, H, kvh, h, 0);
-    for (int64_t p0 = 0; p0 < L; p0 += BQ) {
+    for (int64_t p0 = lo; p0 < hi; p0 += BQ) {
       const int64_t np = L - p0 < BQ ? L - p0 : BQ, rows = np * g, r0 = p0 * g;
       const float *qb = t.q + r0 * d;
       for (int64_t k0 = 0; k0 < p0 + np; k0 += BK) {
@@ -214,11 +217,17 @@ static int fwd_task(const float *q, const float *k, const float *v, float *o, fl
   return ok ? 0 : -1;
 }
 
-/* Backward of sequence tokens [t0, t0 + L), kv head h: dq of its g query heads, dk and dv of h. */
+/* Backward of sequence tokens [t0, t0 + L), kv head h. parts: 1 = dk, dv of the keys [lo, hi);
+ * 2 = dq of the queries [lo, hi); 3 = all of them (lo = 0, hi = L). lo is a multiple of BK. Every
+ * part computes each of its values exactly as part 3 does (the same blocks, sums in the same order):
+ * splitting a long sequence into parts 1 and 2 over chunks changes no bit. It costs the recomputation
+ * of S, P and dP for the dq parts, so it is only for sequences too long to leave the other threads
+ * their share. */
 static int bwd_task(const float *q, const float *k, const float *v, const float *o, const float *lse, const float *dout,
                     float *dq, float *dk, float *dv, int64_t t0, int64_t L, int64_t H, int64_t kvh, int64_t d,
-                    int64_t h) {
+                    int64_t h, int64_t lo, int64_t hi, int parts) {
   const int64_t g = H / kvh, R = L * g;
+  const int64_t k_lo = parts == 2 ? 0 : lo, k_hi = hi, p_lo = parts == 2 ? lo : 0, p_hi = parts == 2 ? hi : L;
   task_t t;
   float *dO = alloc(R * d), *dQ = alloc(R * d), *D = alloc(R), *ls = alloc(R);
   float *dKb = alloc(BK * d), *dVb = alloc(BK * d);
@@ -232,33 +241,33 @@ static int bwd_task(const float *q, const float *k, const float *v, const float 
       for (int64_t e = 0; e < d; ++e) s += dout[row * d + e] * o[row * d + e];
       D[r] = s, ls[r] = lse[row];
     }
-    for (int64_t k0 = 0; k0 < L; k0 += BK) {
-      const int64_t first = k0 / BQ * BQ; /* the first query block with a token >= k0 */
+    for (int64_t k0 = k_lo; k0 < k_hi; k0 += BK) {
+      const int64_t diag = k0 / BQ * BQ, first = diag > p_lo ? diag : p_lo; /* query blocks with a token >= k0 */
       memset(dKb, 0, BK * d * sizeof(float));
       memset(dVb, 0, BK * d * sizeof(float));
-      for (int64_t p0 = first; p0 < L; p0 += BQ) {
+      for (int64_t p0 = first; p0 < p_hi; p0 += BQ) {
         const int64_t np = L - p0 < BQ ? L - p0 : BQ, rows = np * g, r0 = p0 * g;
         const int64_t nc = cols(p0 + np - k0);
         gemm(t.s, BK, t.q + r0 * d, d, 1, t.kt + k0, t.Lp, rows, nc, d, 0); /* S */
         visible(&t, r0, rows, k0, nc, NULL, ls + r0);                       /* P = exp(S - lse) */
-        gemm(dVb, d, t.p, 1, BK, dO + r0 * d, d, nc, d, rows, 1);           /* dV += P^T dO */
+        if (parts & 1) gemm(dVb, d, t.p, 1, BK, dO + r0 * d, d, nc, d, rows, 1); /* dV += P^T dO */
         gemm(t.s, BK, dO + r0 * d, d, 1, t.vt + k0, t.Lp, rows, nc, d, 0);  /* dP = dO V^T */
         for (int64_t r = 0; r < rows; ++r) {                                /* dS = P (dP - D) */
           const vf Dr = splat(D[r0 + r]);
           for (int64_t c = 0; c < nc; c += W)
             store(t.s + r * BK + c, load(t.p + r * BK + c) * (load(t.s + r * BK + c) - Dr));
         }
-        gemm(dKb, d, t.s, 1, BK, t.q + r0 * d, d, nc, d, rows, 1);          /* dK += dS^T (scale Q) */
-        gemm(dQ + r0 * d, d, t.s, BK, 1, t.k + k0 * d, d, rows, d, nc, 1);  /* dQ += dS K (from 0) */
+        if (parts & 1) gemm(dKb, d, t.s, 1, BK, t.q + r0 * d, d, nc, d, rows, 1); /* dK += dS^T (scale Q) */
+        if (parts & 2) gemm(dQ + r0 * d, d, t.s, BK, 1, t.k + k0 * d, d, rows, d, nc, 1); /* dQ += dS K */
       }
       const int64_t nk = L - k0 < BK ? L - k0 : BK;
-      for (int64_t c = 0; c < nk; ++c) {
+      for (int64_t c = 0; c < nk && (parts & 1); ++c) {
         memcpy(dk + ((t0 + k0 + c) * kvh + h) * d, dKb + c * d, d * sizeof(float));
         memcpy(dv + ((t0 + k0 + c) * kvh + h) * d, dVb + c * d, d * sizeof(float));
       }
     }
     const float scale = 1.0f / sqrtf((float)d);
-    for (int64_t r = 0; r < R; ++r) {
+    for (int64_t r = p_lo * g; r < p_hi * g && (parts & 2); ++r) {
       const int64_t row = (t0 + r / g) * H + h * g + r % g;
       for (int64_t e = 0; e < d; ++e) dq[row * d + e] = dQ[r * d + e] * scale;
     }
@@ -268,60 +277,99 @@ static int bwd_task(const float *q, const float *k, const float *v, const float 
   return ok ? 0 : -1;
 }
 
-/* Tasks (sequence, kv head), longest first; checks cu. Returns the count, or -3 for a bad cu. */
-static int64_t tasks(const int64_t *cu, int64_t S, int64_t N, int64_t kvh, int64_t **out) {
+/* One job: a (sequence, kv head), whole or a chunk of its queries (forward, backward part 2) or keys
+ * (backward part 1). */
+typedef struct {
+  int64_t s, h, lo, hi, parts, cost;
+} job_t;
+
+static int by_cost(const void *a, const void *b) { /* descending cost, then ascending position: a fixed order */
+  const job_t *x = a, *y = b;
+  if (x->cost != y->cost) return x->cost < y->cost ? 1 : -1;
+  const int64_t kx[4] = {x->s, x->h, x->parts, x->lo}, ky[4] = {y->s, y->h, y->parts, y->lo};
+  for (int i = 0; i < 4; ++i)
+    if (kx[i] != ky[i]) return kx[i] < ky[i] ? -1 : 1;
+  return 0;
+}
+
+/* The jobs of a call, costliest first; checks cu. split: 0 whole sequences; > 0 (a multiple of BK)
+ * chunks of that many tokens for every sequence longer; -1 chunks of SPLIT tokens for the sequences
+ * whose work alone exceeds a thread's share (the others whole). Results do not depend on it.
+ * Returns the count; -3 for a bad cu, -2 for a bad split, -1 out of memory. */
+#define SPLIT 256
+static int64_t make_jobs(const int64_t *cu, int64_t S, int64_t N, int64_t kvh, int64_t split, int64_t threads,
+                         int backward, job_t **out) {
   if (cu[0] != 0 || cu[S] != N) return -3;
   for (int64_t s = 0; s < S; ++s)
     if (cu[s + 1] < cu[s]) return -3;
-  int64_t n = S * kvh, *ord = malloc((n ? n : 1) * sizeof *ord);
-  if (!ord) return -1;
-  for (int64_t i = 0; i < n; ++i) ord[i] = i;
-  for (int64_t i = 1; i < n; ++i) { /* insertion sort by length, descending; ties by index */
-    const int64_t x = ord[i], lx = cu[x / kvh + 1] - cu[x / kvh];
-    int64_t j = i;
-    while (j > 0 && cu[ord[j - 1] / kvh + 1] - cu[ord[j - 1] / kvh] < lx) ord[j] = ord[j - 1], --j;
-    ord[j] = x;
+  if (split < -1 || (split > 0 && split % BK)) return -2;
+  double total = 0.0; /* work ~ L^2 per (sequence, kv head) */
+  for (int64_t s = 0; s < S; ++s) total += (double)(cu[s + 1] - cu[s]) * (double)(cu[s + 1] - cu[s]) * kvh;
+  const double share = total / (threads < 1 ? 1 : threads);
+  int64_t n = 0, cap = 16;
+  job_t *jobs = malloc(cap * sizeof *jobs);
+  for (int64_t s = 0; s < S && jobs; ++s) {
+    const int64_t L = cu[s + 1] - cu[s];
+    int64_t c = split == -1 ? ((double)L * (double)L > share ? SPLIT : 0) : split;
+    if (L == 0) continue;
+    if (c == 0 || L <= c) c = L;
+    for (int64_t h = 0; h < kvh && jobs; ++h)
+      for (int part = backward ? (c == L ? 3 : 1) : 0; part <= (backward ? (c == L ? 3 : 2) : 0) && jobs; ++part)
+        for (int64_t lo = 0; lo < L && jobs; lo += c) {
+          const int64_t hi = lo + c < L ? lo + c : L;
+          if (n == cap) {
+            job_t *grown = realloc(jobs, 2 * cap * sizeof *jobs);
+            if (!grown) free(jobs);
+            jobs = grown, cap *= 2;
+            if (!jobs) break;
+          }
+          /* keys [lo, hi) meet the queries from lo to L; queries [lo, hi) meet the keys before hi */
+          const int64_t cost = part == 1 ? (hi - lo) * (2 * L - lo - hi) : (hi - lo) * (lo + hi);
+          jobs[n++] = (job_t){s, h, lo, hi, part, cost};
+        }
   }
-  *out = ord;
+  if (!jobs) return -1;
+  qsort(jobs, n, sizeof *jobs, by_cost);
+  *out = jobs;
   return n;
 }
 
-/* Forward. o, lse: outputs. Returns 0; -1 out of memory; -2 unsupported shape (H not a multiple of
- * kvh, d not a multiple of 16 or above 256); -3 cu not 0 = cu[0] <= ... <= cu[S] = N. */
+/* Forward. o, lse: outputs. split: as make_jobs (-1: automatic). Returns 0; -1 out of memory; -2
+ * unsupported shape (H not a multiple of kvh, more than 16 query heads per kv head, d not a multiple
+ * of 16 or above 256) or split; -3 cu not 0 = cu[0] <= ... <= cu[S] = N. */
 int64_t se_flash_fwd(const float *q, const float *k, const float *v, const int64_t *cu, int64_t S, int64_t N,
-                     int64_t H, int64_t kvh, int64_t d, float *o, float *lse, int64_t threads) {
+                     int64_t H, int64_t kvh, int64_t d, float *o, float *lse, int64_t split, int64_t threads) {
   if (kvh < 1 || H % kvh || d % W || d > 256 || H / kvh > 16) return -2;
-  int64_t *ord = NULL, n = tasks(cu, S, N, kvh, &ord);
+  job_t *jobs = NULL;
+  const int64_t n = make_jobs(cu, S, N, kvh, split, threads, 0, &jobs);
   if (n < 0) return n;
   int64_t rc = 0;
 #pragma omp parallel for num_threads(threads < 1 ? 1 : threads) schedule(dynamic, 1) reduction(min : rc)
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t s = ord[i] / kvh, h = ord[i] % kvh;
-    if (cu[s + 1] > cu[s]) {
-      const int64_t r = fwd_task(q, k, v, o, lse, cu[s], cu[s + 1] - cu[s], H, kvh, d, h);
-      rc = r < rc ? r : rc;
-    }
+    const job_t j = jobs[i];
+    const int64_t r = fwd_task(q, k, v, o, lse, cu[j.s], cu[j.s + 1] - cu[j.s], H, kvh, d, j.h, j.lo, j.hi);
+    rc = r < rc ? r : rc;
   }
-  free(ord);
+  free(jobs);
   return rc;
 }
 
 /* Backward from the forward's o and lse and the output gradient dout: dq, dk, dv. Returns as se_flash_fwd. */
 int64_t se_flash_bwd(const float *q, const float *k, const float *v, const float *o, const float *lse,
                      const float *dout, const int64_t *cu, int64_t S, int64_t N, int64_t H, int64_t kvh, int64_t d,
-                     float *dq, float *dk, float *dv, int64_t threads) {
+                     float *dq, float *dk, float *dv, int64_t split, int64_t threads) {
   if (kvh < 1 || H % kvh || d % W || d > 256 || H / kvh > 16) return -2;
-  int64_t *ord = NULL, n = tasks(cu, S, N, kvh, &ord);
+  job_t *jobs = NULL;
+  const int64_t n = make_jobs(cu, S, N, kvh, split, threads, 1, &jobs);
   if (n < 0) return n;
   int64_t rc = 0;
 #pragma omp parallel for num_threads(threads < 1 ? 1 : threads) schedule(dynamic, 1) reduction(min : rc)
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t s = ord[i] / kvh, h = ord[i] % kvh;
-    if (cu[s + 1] > cu[s]) {
-      const int64_t r = bwd_task(q, k, v, o, lse, dout, dq, dk, dv, cu[s], cu[s + 1] - cu[s], H, kvh, d, h);
-      rc = r < rc ? r : rc;
-    }
+    const job_t j = jobs[i];
+    const int64_t r = bwd_task(q, k, v, o, lse, dout, dq, dk, dv, cu[j.s], cu[j.s + 1] - cu[j.s], H, kvh, d, j.h,
+                               j.lo, j.hi, (int)j.parts);
+    rc = r < rc ? r : rc;
   }
-  free(ord);
+  free(jobs);
   return rc;
 }

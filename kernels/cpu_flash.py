@@ -15,8 +15,9 @@ block by block) with register-tiled products on blocks that stay in cache: 0.17 
 0.28 s for an RFT step's 16 sequences x 4 layers, forward and backward, on 2 EPYC cores
 (benchmarks/bench_train_attention.py).
 
-Deterministic: each (sequence, kv head) is one task whose sums run in a fixed order, so results do
-not depend on the thread count or on the other sequences of the pack. The numerics differ from
+Deterministic: each (sequence, kv head) is one job whose sums run in a fixed order, so results do
+not depend on the thread count or on the other sequences of the pack; a sequence too long for one
+thread's share is cut into chunk jobs that compute the same bits (`flash_varlen`'s split). The numerics differ from
 SDPA's in the last bits (another summation order), as any two attention kernels do: it is a
 backend (model.attn_backend = native), compared with a float64 reference in the tests.
 
@@ -84,13 +85,14 @@ def _checked(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor) -> tuple[Tenso
 
 class _FlashVarlen(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, cu: Tensor) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, cu: Tensor, split: int) -> Tensor:
         N, H, d = q.shape
         o, lse = torch.empty_like(q), torch.empty(N, H)
         rc = _lib().se_flash_fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), cu.data_ptr(), cu.numel() - 1, N, H,
-                                 k.shape[1], d, o.data_ptr(), lse.data_ptr(), torch.get_num_threads())
+                                 k.shape[1], d, o.data_ptr(), lse.data_ptr(), split, torch.get_num_threads())
         _fail("forward", rc, q, k)
         ctx.save_for_backward(q, k, v, cu, o, lse)
+        ctx.split = split
         return o
 
     @staticmethod
@@ -101,12 +103,21 @@ class _FlashVarlen(torch.autograd.Function):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         rc = _lib().se_flash_bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(), do.data_ptr(),
                                  cu.data_ptr(), cu.numel() - 1, N, H, k.shape[1], d, dq.data_ptr(), dk.data_ptr(),
-                                 dv.data_ptr(), torch.get_num_threads())
+                                 dv.data_ptr(), ctx.split, torch.get_num_threads())
         _fail("backward", rc, q, k)
-        return dq, dk, dv, None
+        return dq, dk, dv, None, None
 
 
-def flash_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor) -> Tensor:
+def flash_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, *, split: int | None = None) -> Tensor:
     """Causal attention within each sequence of a packed stream: (N, H, d) out, differentiable in q, k, v.
-    Runs on up to torch.get_num_threads() threads; the result does not depend on the count."""
-    return _FlashVarlen.apply(*_checked(q, k, v, cu_seqlens))
+
+    Runs on up to torch.get_num_threads() threads, one job per (sequence, kv head). A sequence whose
+    work alone exceeds a thread's share (a few long sequences on many cores) is split into chunks of
+    256 queries (forward; backward dq) and 256 keys (backward dk, dv), at the price of recomputing
+    the backward's probabilities once more for its dq chunks. split: None for that choice, 0 never
+    split, or a chunk size (a multiple of 64) for every longer sequence. The result is bit for bit the
+    same for any split and any thread count: each value is computed by the same blocks in the same
+    order (tested)."""
+    if split is not None and (split < 0 or split % 64):
+        raise ValueError(f"cpu_flash.flash_varlen: split must be None, 0 or a multiple of 64, got {split}")
+    return _FlashVarlen.apply(*_checked(q, k, v, cu_seqlens), -1 if split is None else split)

@@ -35,8 +35,8 @@ SIGNATURES = {
     "se_append": [ptr, ptr, ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64],
     "se_decoder": [ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ctypes.c_float, ptr, i64, ptr, ptr, ptr, ptr, i64, i64,
                    ptr, ptr, ptr, i64],
-    "se_flash_fwd": [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, i64],
-    "se_flash_bwd": [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64],
+    "se_flash_fwd": [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, i64],
+    "se_flash_bwd": [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64, i64],
 }
 
 def _sources() -> list[Path]:

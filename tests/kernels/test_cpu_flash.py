@@ -41,9 +41,9 @@ def inputs(lens, H, kvh, d, seed=0, scale=2.0):
     return q, k, v, do, cu
 
 
-def run(q, k, v, do, cu):
+def run(q, k, v, do, cu, split=None):
     q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
-    out = cf.flash_varlen(q, k, v, cu)
+    out = cf.flash_varlen(q, k, v, cu, split=split)
     out.backward(do)
     return out.detach(), q.grad, k.grad, v.grad
 
@@ -98,6 +98,23 @@ def test_bitwise_the_same_on_any_thread_count_and_in_any_pack():
         assert torch.equal(packed[s:s + L], single)
 
 
+@pytest.mark.parametrize("lens,H,kvh,d", [([300, 5, 700], 4, 2, 32), ([1000], 8, 1, 64), ([130, 129], 2, 2, 16)])
+def test_splitting_long_sequences_changes_no_bit(lens, H, kvh, d):
+    """Chunks of queries (forward, dq) and keys (dk, dv) of any size, chosen or automatic, on 1 or 3
+    threads: the same bits as whole sequences."""
+    q, k, v, do, cu = inputs(lens, H, kvh, d, seed=2)
+    whole = run(q, k, v, do, cu, split=0)
+    threads = torch.get_num_threads()
+    try:
+        for split in (None, 64, 128, 256):
+            for t in (1, 3):
+                torch.set_num_threads(t)
+                for a, b in zip(whole, run(q, k, v, do, cu, split=split)):
+                    assert torch.equal(a, b), (split, t)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_bad_input_is_a_clear_error():
     q, k, v, do, cu = inputs([4, 4], 4, 2, 32)
     with pytest.raises(ValueError, match="float32"):
@@ -110,6 +127,8 @@ def test_bad_input_is_a_clear_error():
         cf.flash_varlen(q, k, v, torch.tensor([0, 4, 7]))
     with pytest.raises(ValueError, match="cu_seqlens must rise"):
         cf.flash_varlen(q, k, v, torch.tensor([0, 5, 4, 8]))
+    with pytest.raises(ValueError, match="split must be None, 0 or a multiple of 64"):
+        cf.flash_varlen(q, k, v, cu, split=100)
 
 
 def test_the_model_trains_the_same_through_native_and_sdpa():
