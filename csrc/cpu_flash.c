@@ -313,8 +313,10 @@ static int64_t make_jobs(const int64_t *cu, int64_t S, int64_t N, int64_t kvh, i
     int64_t c = split == -1 ? ((double)L * (double)L > share ? SPLIT : 0) : split;
     if (L == 0) continue;
     if (c == 0 || L <= c) c = L;
+    /* the forward: part 0; the backward: part 3 whole, parts 1 (keys) and 2 (queries) in chunks */
+    const int first = !backward ? 0 : c == L ? 3 : 1, last = !backward ? 0 : c == L ? 3 : 2;
     for (int64_t h = 0; h < kvh && jobs; ++h)
-      for (int part = backward ? (c == L ? 3 : 1) : 0; part <= (backward ? (c == L ? 3 : 2) : 0) && jobs; ++part)
+      for (int part = first; part <= last && jobs; ++part)
         for (int64_t lo = 0; lo < L && jobs; lo += c) {
           const int64_t hi = lo + c < L ? lo + c : L;
           if (n == cap) {
