@@ -218,7 +218,7 @@ COMMANDS = (
         arg("--out", type=Path, required=True, metavar="DIR", help="output directory"),
         arg("--seed", type=int, help="overrides synth.seed"),
     )),
-    Command("demo", demo, "synth -> drills -> RFT -> RL -> held-out eval on the embedded synthetic world (CPU, 10.5-14 min on 2 cores)",
+    Command("demo", demo, "synth -> drills -> RFT -> RL -> held-out eval on the embedded synthetic world (CPU, 10.5-14.5 min on 2 cores)",
             config=True),
     Command("eval", evaluate, "pass@1 of a model (HF directory or checkpoint) on the held-out tasks of train.data_dir",
             config=True, args=(

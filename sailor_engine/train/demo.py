@@ -1,6 +1,6 @@
 """`sailor-engine demo`: the whole WebSailor pipeline on the embedded synthetic world, on the CPU.
 
-    sailor-engine demo                          # 10.5-14 minutes on 2 cores (README); writes runs/demo
+    sailor-engine demo                          # 10.5-14.5 minutes on 2 cores (README); writes runs/demo
     sailor-engine demo --set train.rl.steps=4   # any field of the config
 
 1. synth: knowledge graph -> verified, obfuscated 1- and 2-hop questions -> offline web (pages + BM25
@@ -47,7 +47,7 @@ from sailor_engine.train.rft import train_rft
 from sailor_engine.train.rl import train_rl
 from sailor_engine.train.setup import build_model, init_runtime
 
-# The embedded world, model and schedules: sized for 2 CPU cores, 10.5 min on a Xeon, 13.8 on an EPYC VM (README).
+# The embedded world, model and schedules: sized for 2 CPU cores, 10.5 min on a Xeon, 13.8-14.5 on an EPYC VM (README).
 DEMO_OVERRIDES = (
     # world: 1- and 2-hop questions whose path is forced (no choice an imitating agent cannot make from
     # what it has read), 3000 entities; expert trajectories for 75% of the training answers
