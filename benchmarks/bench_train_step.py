@@ -39,7 +39,8 @@ from common import peak_memory_mb, print_table, record, time_fn  # noqa: E402
 
 from sailor_engine.config import load_config  # noqa: E402
 from sailor_engine.kernels.logprob import fused_linear_logprob  # noqa: E402
-from sailor_engine.model import Transformer, resolve_backend  # noqa: E402
+from sailor_engine.model import Transformer  # noqa: E402
+from sailor_engine.model.attention import model_backend  # noqa: E402
 from sailor_engine.model.config import ModelConfig  # noqa: E402
 from sailor_engine.rl.config import AlgoConfig  # noqa: E402
 from sailor_engine.rl.loss import global_norm, rl_loss  # noqa: E402
@@ -240,8 +241,7 @@ def main(argv=None):
               "matmul_params": n_matmul, "params": params, "model_flops_per_update": flops,
               "matmul_ceiling_tflop_s": ceiling, "ceiling_n": args.ceiling_n or (8192 if cuda else 1024),
               "reps": reps, "warmup": warmup, "threads": torch.get_num_threads(), "algo": "dupo (token-mean, 0.2/0.28)",
-              "attn_backend": resolve_backend(mcfg.attn_backend, device, dtype, head_dim=mcfg.dim_per_head,
-                                              group=mcfg.num_heads // mcfg.num_kv_heads),
+              "attn_backend": model_backend(mcfg, device, dtype),
               "load_avg_1m": load}  # CPU timings on a shared machine scale with it
     title = (f"RL update  {args.config} ({n_matmul / 1e6:.1f}M matmul params) {config['dtype']}  "
              f"{batch.positions} tokens in {len(batch.packed)} micro-batches on {device}, attention "

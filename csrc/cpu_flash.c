@@ -336,12 +336,16 @@ static int64_t make_jobs(const int64_t *cu, int64_t S, int64_t N, int64_t kvh, i
   return n;
 }
 
+static int shape_ok(int64_t H, int64_t kvh, int64_t d) {
+  return kvh >= 1 && H % kvh == 0 && H / kvh <= 16 && d % W == 0 && d <= 256;
+}
+
 /* Forward. o, lse: outputs. split: as make_jobs (-1: automatic). Returns 0; -1 out of memory; -2
  * unsupported shape (H not a multiple of kvh, more than 16 query heads per kv head, d not a multiple
  * of 16 or above 256) or split; -3 cu not 0 = cu[0] <= ... <= cu[S] = N. */
 int64_t se_flash_fwd(const float *q, const float *k, const float *v, const int64_t *cu, int64_t S, int64_t N,
                      int64_t H, int64_t kvh, int64_t d, float *o, float *lse, int64_t split, int64_t threads) {
-  if (kvh < 1 || H % kvh || d % W || d > 256 || H / kvh > 16) return -2;
+  if (!shape_ok(H, kvh, d)) return -2;
   job_t *jobs = NULL;
   const int64_t n = make_jobs(cu, S, N, kvh, split, threads, 0, &jobs);
   if (n < 0) return n;
@@ -360,7 +364,7 @@ int64_t se_flash_fwd(const float *q, const float *k, const float *v, const int64
 int64_t se_flash_bwd(const float *q, const float *k, const float *v, const float *o, const float *lse,
                      const float *dout, const int64_t *cu, int64_t S, int64_t N, int64_t H, int64_t kvh, int64_t d,
                      float *dq, float *dk, float *dv, int64_t split, int64_t threads) {
-  if (kvh < 1 || H % kvh || d % W || d > 256 || H / kvh > 16) return -2;
+  if (!shape_ok(H, kvh, d)) return -2;
   job_t *jobs = NULL;
   const int64_t n = make_jobs(cu, S, N, kvh, split, threads, 1, &jobs);
   if (n < 0) return n;

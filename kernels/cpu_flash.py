@@ -11,15 +11,16 @@ q (N, H, d), k and v (N, kv_heads, d): a packed stream of sequences, sequence s 
 Why: torch's CPU flash kernel reaches about a third of the machine's fp32 peak at head_dim 32 (the
 demo model's), where the softmax weighs as much as the products. This one tiles like
 FlashAttention-2 (the forward saves each row's log-sum-exp, the backward recomputes probabilities
-block by block) with register-tiled products on blocks that stay in cache: 0.17 s against SDPA's
-0.28 s for an RFT step's 16 sequences x 4 layers, forward and backward, on 2 EPYC cores
-(benchmarks/bench_train_attention.py).
+block by block) with register-tiled products on blocks that stay in cache: 0.20 s against SDPA's
+0.37 s for an RFT step's 16 sequences x 4 layers, forward and backward, on 2 EPYC cores
+(benchmarks/bench_train_attention.py; SDPA is still faster on one long sequence, README).
 
 Deterministic: each (sequence, kv head) is one job whose sums run in a fixed order, so results do
 not depend on the thread count or on the other sequences of the pack; a sequence too long for one
-thread's share is cut into chunk jobs that compute the same bits (`flash_varlen`'s split). The numerics differ from
-SDPA's in the last bits (another summation order), as any two attention kernels do: it is a
-backend (model.attn_backend = native), compared with a float64 reference in the tests.
+thread's share is cut into chunk jobs that compute the same bits (`flash_varlen`'s split). The
+numerics differ from SDPA's in the last bits (another summation order), as any two attention
+kernels do: it is a backend (model.attn_backend = native), tested against
+kernels.reference.varlen_attention_reference in float64.
 
 Built with the other C kernels by native.py: no compiler, or SAILOR_ENGINE_NATIVE=0, and
 `available()` is False and `status()` says why.

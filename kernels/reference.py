@@ -178,3 +178,27 @@ def decode_attention_reference(
             vals = v_cache[s, h // (H // kvh), :n].to(q.dtype)  # (n, D)
             out[b, h] = torch.softmax((q[b, h] @ keys) * scale, dim=-1) @ vals
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# causal varlen attention (training)
+# ---------------------------------------------------------------------------------------------
+
+
+def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens) -> torch.Tensor:
+    """Causal softmax(q k^T / sqrt(D)) v within each sequence of a packed stream, written per sequence.
+
+    q: (N, H, D); k, v: (N, KVH, D); sequence s holds tokens [cu_seqlens[s], cu_seqlens[s+1]). Query
+    head h reads kv head h // (H // KVH). Computes in q's dtype (float64 for ground truth), and is
+    differentiable, so its gradients are the reference for a backward too. Returns (N, H, D).
+    """
+    H, D = q.shape[1:]
+    cu = [int(c) for c in cu_seqlens]
+    out = []
+    for a, b in zip(cu[:-1], cu[1:]):
+        qs = q[a:b].transpose(0, 1)  # (H, L, D)
+        ks, vs = (x[a:b].to(q.dtype).transpose(0, 1).repeat_interleave(H // k.shape[1], 0) for x in (k, v))
+        s = (qs @ ks.transpose(1, 2)) * D**-0.5
+        s = s.masked_fill(torch.ones(b - a, b - a, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        out.append((s.softmax(-1) @ vs).transpose(0, 1))
+    return torch.cat(out) if out else q.new_empty(q.shape)

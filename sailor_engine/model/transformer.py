@@ -32,8 +32,9 @@ from torch import Tensor, nn
 
 from sailor_engine.kernels import cpu_decoder
 
-from .attention import (ROW_ALIGN, CachedAttention, KVCache, PaddedAttention, StaticDecodeAttention,
-                        VarlenAttention, pad_rows, resolve_backend)
+from .attention import (ROW_ALIGN, CachedAttention, PaddedAttention, StaticDecodeAttention, VarlenAttention,
+                        compute_dtype, model_backend, pad_rows)
+from .kv_cache import KVCache
 from .config import ModelConfig
 
 
@@ -269,15 +270,10 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def _backend(self, device: torch.device) -> str:
-        """The attention backend for the dtype attention computes in: the autocast dtype under
-        autocast (fp32 master weights, bf16 compute picks flash-attn on CUDA), else the weights'."""
-        dev = device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.embed_tokens.weight.dtype
-        key = (dev, dtype)
+        """The attention backend for the dtype attention computes in (attention.compute_dtype)."""
+        key = (device.type, compute_dtype(device.type, self.embed_tokens.weight.dtype))
         if key not in self._backend_cache:
-            c = self.cfg
-            self._backend_cache[key] = resolve_backend(c.attn_backend, device, key[1], head_dim=c.dim_per_head,
-                                                       group=c.num_heads // c.num_kv_heads)
+            self._backend_cache[key] = model_backend(self.cfg, device, key[1])
         return self._backend_cache[key]
 
 

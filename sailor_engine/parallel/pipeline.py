@@ -62,7 +62,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sailor_engine.model.attention import CachedAttention, KVCache, VarlenAttention, resolve_backend
+from sailor_engine.model.attention import CachedAttention, VarlenAttention, compute_dtype, model_backend
+from sailor_engine.model.kv_cache import KVCache
 from sailor_engine.model.config import ModelConfig
 from sailor_engine.model.transformer import DecoderLayer, Transformer, packed_positions, rope_tables
 
@@ -167,14 +168,10 @@ class PipelineStage(nn.Module):
         return None
 
     def forward(self, x: Tensor, cu_seqlens: Tensor, positions: Tensor, max_seqlen: int | None = None) -> Tensor:
-        dev = x.device.type  # the dtype attention computes in: autocast's under autocast, else the activations'
-        dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
-                 else x.dtype if self.embed_tokens is None else self.embed_tokens.weight.dtype)
-        key = (dev, dtype)
+        activations = x.dtype if self.embed_tokens is None else self.embed_tokens.weight.dtype
+        key = (x.device.type, compute_dtype(x.device.type, activations))
         if key not in self._backends:
-            c = self.cfg
-            self._backends[key] = resolve_backend(c.attn_backend, x.device, dtype, head_dim=c.dim_per_head,
-                                                  group=c.num_heads // c.num_kv_heads)
+            self._backends[key] = model_backend(self.cfg, x.device, key[1])
         return self._run(x, positions, VarlenAttention(cu_seqlens, self._backends[key], max_seqlen))
 
     def forward_cached(self, x: Tensor, cu_seqlens: Tensor, cache: KVCache, slots: Tensor) -> Tensor:

@@ -1,13 +1,13 @@
 """The C varlen training attention (csrc/cpu_flash.c): forward and gradients against float64, bit-for-bit
 invariance to the thread count and to the rest of the pack, bad input, and the model's native backend."""
 
-import math
 import shutil
 
 import pytest
 import torch
 
 from sailor_engine.kernels import cpu_flash as cf
+from sailor_engine.kernels.reference import varlen_attention_reference
 
 if not any(map(shutil.which, ("cc", "gcc", "clang"))):
     pytest.skip("no C compiler on this machine: the kernel cannot be built", allow_module_level=True)
@@ -19,17 +19,8 @@ def test_builds_here():
 
 
 def reference(q, k, v, lens):
-    """float64 causal softmax(q k^T / sqrt(d)) v, sequence by sequence, GQA by repeat_interleave."""
-    out, s = [], 0
-    for L in lens:
-        qs, ks, vs = (x[s:s + L].double().transpose(0, 1) for x in (q, k, v))  # (heads, L, d)
-        s += L
-        g = qs.shape[0] // ks.shape[0]
-        ks, vs = ks.repeat_interleave(g, 0), vs.repeat_interleave(g, 0)
-        sc = qs @ ks.transpose(1, 2) / math.sqrt(q.shape[2])
-        sc = sc.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
-        out.append((sc.softmax(-1) @ vs).transpose(0, 1))
-    return torch.cat(out)
+    """float64 causal softmax(q k^T / sqrt(d)) v, sequence by sequence (kernels.reference)."""
+    return varlen_attention_reference(q.double(), k.double(), v.double(), torch.tensor([0, *lens]).cumsum(0))
 
 
 def inputs(lens, H, kvh, d, seed=0, scale=2.0):

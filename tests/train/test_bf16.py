@@ -91,8 +91,8 @@ def test_attention_backend_and_dtypes_follow_autocast(monkeypatch):
     from sailor_engine.model import attention
 
     seen = []
-    monkeypatch.setattr("sailor_engine.model.transformer.resolve_backend",
-                        lambda req, dev, dt, **shape: seen.append(dt) or "sdpa")
+    monkeypatch.setattr("sailor_engine.model.transformer.model_backend",
+                        lambda cfg, dev, dt: seen.append(dt) or "sdpa")
     m = Transformer(config().model)
     m._backend(CPU)
     with torch.autocast("cpu", dtype=torch.bfloat16):
