@@ -4,8 +4,9 @@
     lib = native.load()          # ctypes.CDLL, or None: native.error() says why
 
 Used by cpu_attention.py (KV-cache attention), cpu_decoder.py (a whole decoder forward over the
-cache) and cpu_flash.py (varlen training attention, forward and backward). Build: `cc -O3
--march=native -ffp-contract=off` (with -fopenmp where the compiler has it) into
+cache), cpu_flash.py (varlen training attention, forward and backward) and cpu_sample.py (the
+generator's sampling step). Build: `cc -O3 -march=native -ffp-contract=off` (with -fopenmp where
+the compiler has it) into
 $SAILOR_ENGINE_CACHE (default ~/.cache/sailor-engine), keyed by the sources, the flags, the compiler
 and the CPU, written atomically (concurrent ranks may race; the loser's rename is harmless). No
 compiler, or SAILOR_ENGINE_NATIVE=0: load() is None, status() says why, and callers keep their torch
@@ -24,7 +25,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-SOURCES = ("cpu_attention.c", "cpu_decoder.c", "cpu_flash.c")
+SOURCES = ("cpu_attention.c", "cpu_decoder.c", "cpu_flash.c", "cpu_sample.c")
 HEADERS = ("vec.h",)
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=c11", "-shared", "-fPIC")
 i64, ptr = ctypes.c_int64, ctypes.c_void_p
@@ -37,6 +38,7 @@ SIGNATURES = {
                    ptr, ptr, ptr, i64],
     "se_flash_fwd": [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, i64],
     "se_flash_bwd": [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64, i64],
+    "se_sample": [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, i64],
 }
 
 def _sources() -> list[Path]:

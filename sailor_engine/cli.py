@@ -92,7 +92,7 @@ def info(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    from sailor_engine.kernels import cpu_attention, cpu_decoder, cpu_flash
+    from sailor_engine.kernels import cpu_attention, cpu_decoder, cpu_flash, cpu_sample
     from sailor_engine.model.attention import backend_status
 
     python = f"{platform.python_version()} ({platform.python_implementation()}, {platform.system()} {platform.machine()})"
@@ -107,7 +107,7 @@ def info(args: argparse.Namespace) -> None:
         ("distributed", [_distributed(dist)]),
         ("attention", [f"{name}: {state}" for name, state in backend_status().items()]),
         ("C kernels", [f"attention: {cpu_attention.status()}", f"decoder: {cpu_decoder.status()}",
-                       f"training attention: {cpu_flash.status()}"]),
+                       f"training attention: {cpu_flash.status()}", f"sampling: {cpu_sample.status()}"]),
     ]
     width = max(len(name) for name, _ in rows) + 2
     for name, lines in rows:

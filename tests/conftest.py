@@ -52,14 +52,16 @@ def two_threads():
 @pytest.fixture(params=["native", "torch"])
 def cpu_path(request, monkeypatch):
     """Run a test on both CPU paths of generation: the C kernels (sailor_engine.kernels: cpu_attention,
-    and cpu_decoder for FusedWeights) and the torch ops they replace when they cannot be built. Each
-    must hold the test's properties."""
+    cpu_decoder for FusedWeights, cpu_sample for the Generator's sampling) and the torch ops they
+    replace when they cannot be built. Each must hold the test's properties."""
     from sailor_engine.kernels import cpu_attention, cpu_decoder
     from sailor_engine.model import attention, transformer
+    from sailor_engine.rollout import generator
 
     if request.param == "torch":
         monkeypatch.setattr(attention, "NATIVE_CPU_ATTENTION", False)
         monkeypatch.setattr(transformer, "NATIVE_CPU_DECODER", False)
+        monkeypatch.setattr(generator, "NATIVE_CPU_SAMPLER", False)
     elif not (cpu_attention.available() and cpu_decoder.available()):
         pytest.skip(f"C kernels: {cpu_decoder.status()}")
     return request.param

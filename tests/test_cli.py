@@ -67,11 +67,12 @@ def test_info(capsys, monkeypatch):
     assert "uvloop         not installed\n" in out
     assert "Triton         interpreter (TRITON_INTERPRET=1)\n" in out
     assert "attention      flash_attn: unavailable: needs CUDA\n               sdpa: available\n" in out
-    from sailor_engine.kernels import cpu_attention, cpu_decoder, cpu_flash
+    from sailor_engine.kernels import cpu_attention, cpu_decoder, cpu_flash, cpu_sample
 
     assert f"C kernels      attention: {cpu_attention.status()}\n" in out
     assert f"               decoder: {cpu_decoder.status()}\n" in out
     assert f"               training attention: {cpu_flash.status()}\n" in out
+    assert f"               sampling: {cpu_sample.status()}\n" in out
     assert ("CUDA devices   none\n" in out) != torch.cuda.is_available()
 
 
