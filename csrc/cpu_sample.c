@@ -6,7 +6,7 @@
  *
  * Row r, with y = z (greedy, temp[r] == 0) or y = z / temp[r] (sampled, temp[r] > 0):
  *   m = max y, s = sum exp(y - m), log p(i) = (y_i - m) - log s      (log_softmax's operations)
- *   greedy:  token = the first index of m (argmax's tie rule)
+ *   greedy:  token = the first index of m (argmax's tie rule), found in pass 1
  *   sampled: inverse CDF, token = the first i whose running sum of exp(y - m) exceeds u[r] * s
  *            (u in [0, 1)); every token with exp(y_i - m) > 0 can be drawn, no other.
  * exp's arguments below -87 count as 0 (exp there is subnormal, ~50x slower on x86, and below one
@@ -52,26 +52,34 @@ static float block_exp(const float *z, int64_t b0, int64_t b1, float temp, int s
 static int row(const float *z, int64_t V, float temp, float u, double *blocks, int64_t *token, float *logp) {
   const int scaled = temp > 0.0f && temp != 1.0f;
   if (!(temp >= 0.0f) || (temp > 0.0f && !(u >= 0.0f && u < 1.0f))) return 1;
-  /* pass 1: the max (and where the first non-finite value is, if any) */
+  /* pass 1: the max and its first index (per lane, the first index of the lane's max; then the
+   * smallest of the lanes holding the row's max), and whether any value is NaN or +inf */
   float m = -INFINITY;
-  int64_t bad = -1;
+  int64_t bad = -1, t = 0;
   {
+    const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     vf mv = splat(-INFINITY);
-    vi nf = (vi){0};
+    vi nf = (vi){0}, at = lane, cur = lane;
     int64_t i = 0;
-    for (; i + W <= V; i += W) {
+    for (; i + W <= V; i += W, cur += W) {
       vf y = load(z + i);
       if (scaled) y = y / splat(temp);
       nf |= (y != y) | (y == splat(INFINITY));
-      mv = vselect(y > mv, y, mv);
+      const vi up = y > mv;
+      mv = vselect(up, y, mv);
+      at = (cur & up) | (at & ~up);
     }
     m = hmax(mv);
     int any = 0;
-    for (int l = 0; l < W; ++l) any |= nf[l];
-    for (; i < V; ++i) {
+    t = V; /* (indices < 2^31: V is a vocabulary) */
+    for (int l = 0; l < W; ++l) {
+      any |= nf[l];
+      if (mv[l] == m && at[l] < t) t = at[l];
+    }
+    for (; i < V; ++i) { /* past every vector: a tie keeps the earlier index */
       const float y = yval(z, i, temp, scaled);
       any |= y != y || y == INFINITY;
-      m = y > m ? y : m;
+      if (y > m) m = y, t = i;
     }
     if (any || m == -INFINITY) {
       for (int64_t j = 0; j < V && bad < 0; ++j) {
@@ -92,18 +100,9 @@ static int row(const float *z, int64_t V, float temp, float u, double *blocks, i
     blocks[b] = block_exp(z, b * BLOCK, b1, temp, scaled, m, e);
     s += blocks[b];
   }
-  int64_t t = 0;
-  if (temp == 0.0f) { /* the first index of the max: the first vector holding it, then its lane */
-    while (t + W <= V) {
-      const vi hit = load(z + t) == splat(m);
-      int any = 0;
-      for (int l = 0; l < W; ++l) any |= hit[l];
-      if (any) break;
-      t += W;
-    }
-    while (z[t] != m) ++t;
-  } else { /* pass 3: the block where the running sum passes u s (its sum is > 0: s is the same sum
-            * of the same blocks), then its tokens' exps in order */
+  if (temp > 0.0f) {
+    /* pass 3: the block where the running sum passes u s (its sum is > 0: s is the same sum of the
+     * same blocks), then its tokens' exps in order; t (the argmax) is always replaced */
     const double target = (double)u * s;
     double run = 0.0;
     int64_t b = 0;
