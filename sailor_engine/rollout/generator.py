@@ -34,7 +34,8 @@ copies refreshed from the parameters' version counters every step), which with t
 cannot be built the same steps run as torch ops (FusedWeights' layers, attention.py's batched
 one-token path), equal up to rounding. So is sampling (kernels/cpu_sample.py: max, log-sum-exp and the
 inverse-CDF draw in two or three passes over each row, against torch's five, each writing an (R, V)
-tensor: 0.4 vs 3.4 ms for 128 rows of a 4096-token vocabulary on one core), except for rows with
+tensor: 0.48 vs 1.39 ms for 128 rows of a 4096-token vocabulary, 13.7 vs 116 ms at 151936, on one
+core: benchmarks/bench_sample.py), except for rows with
 top-k / top-p truncation, whose batches take the torch path (a sort).
 benchmarks/bench_generate.py measures it against transformers' generate.
 """
