@@ -35,10 +35,12 @@ static inline vf vmax(vf a, vf b) { return vselect(a > b, a, b); }
 /* Keys [k0, k0 + n) of a block as whole vectors: at most BK. */
 static inline int64_t cols(int64_t n) { return n >= BK ? BK : (n + W - 1) / W * W; }
 
-/* x86: keep v in a register. Left alone, GCC folds each use of a loaded B vector into its multiply
- * as a memory operand, and MR x NV loads a k step make the tile bound by loads, not arithmetic. */
+/* x86 with AVX-512: keep v in a register. Left alone, GCC folds each use of a loaded B vector into its
+ * multiply as a memory operand, and MR x NV loads a k step make the tile bound by loads, not
+ * arithmetic. Only where a vf is one register: with AVX2 or SSE it is two or four, which no asm
+ * operand can name (the build would fail), and there it stays a plain value. */
 static inline vf pin(vf v) {
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__AVX512F__)
   __asm__("" : "+v"(v));
 #endif
   return v;
