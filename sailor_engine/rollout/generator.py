@@ -329,6 +329,8 @@ class Generator:
         ps = [r.params for r in self.running]
         sampled = [i for i, p in enumerate(ps) if not p.is_greedy]
         u = torch.cat([torch.rand(1, generator=self.running[i].rng) for i in sampled]) if sampled else None
+        # CPU: one C call (kernels/cpu_sample.py: temp 0 marks a greedy row), unless a row truncates
+        # (top-k / top-p need a sort: the torch path below)
         if (NATIVE_CPU_SAMPLER and logits.device.type == "cpu" and cpu_sample.available()
                 and all(ps[i].top_p == 1 and ps[i].top_k == 0 for i in sampled)):
             temp = torch.tensor([0.0 if p.is_greedy else p.temperature for p in ps])
