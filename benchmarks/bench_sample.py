@@ -5,8 +5,8 @@
 
 One step: (R, V) fp32 logits -> a token and its log-prob per row, greedy (argmax, log p = z_t -
 logsumexp z) or sampled at temperature T (inverse CDF over softmax(z / T), no truncation: the RL
-rollouts' setting). The torch side is the Generator's own torch path (`z.max(-1)` and its clamped
-log-sum-exp; `log_softmax`, `sample_from`, `gather`). Both are checked first: tokens against float64
+rollouts' setting). The torch side is the Generator's own torch path (`generator.sample_torch`).
+Both are checked first: tokens against float64
 (greedy: equal; sampled: equal to a float64 inverse CDF at the same u wherever u * total is not within
 1e-6 of a CDF step), log-probs as the largest |error| against float64. Results: the table and one JSON
 line in benchmarks/results/bench_sample.jsonl.
@@ -24,18 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, record, time_fn  # noqa: E402
 
 from sailor_engine.kernels import cpu_sample  # noqa: E402
-from sailor_engine.rollout.generator import _logsumexp, sample_from  # noqa: E402
+from sailor_engine.rollout.generator import SamplingParams, sample_torch  # noqa: E402
 
 
 def torch_step(z: torch.Tensor, T: float | None, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Generator's torch path for an all-greedy (T None) or all-sampled batch without truncation."""
-    if T is None:
-        z_t, tokens = z.max(-1)
-        return tokens, z_t - _logsumexp(z, z_t)
-    logp = torch.log_softmax(z if T == 1.0 else z / T, dim=-1)
-    R = z.shape[0]
-    tokens = sample_from(logp, u, torch.ones(R), torch.zeros(R, dtype=torch.int64))
-    return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+    """The Generator's torch path (generator.sample_torch) for an all-greedy (T None) or all-sampled batch."""
+    params = SamplingParams(greedy=True) if T is None else SamplingParams(temperature=T)
+    return sample_torch(z, [params] * z.shape[0], None if T is None else u)
 
 
 def check(z: torch.Tensor, T: float | None, u: torch.Tensor, tokens: torch.Tensor, logps: torch.Tensor) -> tuple[str, float]:

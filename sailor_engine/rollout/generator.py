@@ -330,30 +330,37 @@ class Generator:
         sampled = [i for i, p in enumerate(ps) if not p.is_greedy]
         u = torch.cat([torch.rand(1, generator=self.running[i].rng) for i in sampled]) if sampled else None
         # CPU: one C call (kernels/cpu_sample.py: temp 0 marks a greedy row), unless a row truncates
-        # (top-k / top-p need a sort: the torch path below)
+        # (top-k / top-p need a sort: sample_torch)
         if (NATIVE_CPU_SAMPLER and logits.device.type == "cpu" and cpu_sample.available()
                 and all(ps[i].top_p == 1 and ps[i].top_k == 0 for i in sampled)):
             temp = torch.tensor([0.0 if p.is_greedy else p.temperature for p in ps])
             if u is not None and len(sampled) < len(ps):
                 u = torch.zeros(len(ps)).index_copy_(0, torch.tensor(sampled), u)
             return cpu_sample.sample(logits, temp, torch.zeros(len(ps)) if u is None else u)
-        temps = [1.0 if p.is_greedy else p.temperature for p in ps]
-        z = logits if all(t == 1.0 for t in temps) else logits / torch.tensor(temps, device=logits.device)[:, None]
-        if not sampled:  # argmax, and log p = z_t - logsumexp(z): no (R, V) log-softmax written
-            # max(-1) gives the first maximal index like argmax, with z_t alongside, ~3x faster on CPU
-            z_t, tokens = z.max(-1)
-            return tokens, z_t - _logsumexp(z, z_t)
-        logp = torch.log_softmax(z, dim=-1)
-        u = u.to(logits.device)
-        top_p = torch.tensor([ps[i].top_p for i in sampled], device=logits.device)
-        top_k = torch.tensor([ps[i].top_k for i in sampled], device=logits.device)
-        if len(sampled) == len(ps):  # no greedy row: no argmax over the batch, no row gather
-            tokens = sample_from(logp, u, top_p, top_k)
-        else:
-            tokens = logp.max(-1).indices  # greedy rows: the first maximal index, as argmax
-            idx = torch.tensor(sampled, device=logits.device)
-            tokens[idx] = sample_from(logp[idx], u, top_p, top_k)
-        return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+        return sample_torch(logits, ps, u)
+
+
+def sample_torch(logits: Tensor, ps: Sequence[SamplingParams], u: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The sampling step as torch ops, any device: logits (R, V) fp32, one SamplingParams per row, u the
+    uniforms of the sampled rows in order (None if every row is greedy) -> tokens (R,), log-probs (R,)."""
+    sampled = [i for i, p in enumerate(ps) if not p.is_greedy]
+    temps = [1.0 if p.is_greedy else p.temperature for p in ps]
+    z = logits if all(t == 1.0 for t in temps) else logits / torch.tensor(temps, device=logits.device)[:, None]
+    if not sampled:  # argmax, and log p = z_t - logsumexp(z): no (R, V) log-softmax written
+        # max(-1) gives the first maximal index like argmax, with z_t alongside, ~3x faster on CPU
+        z_t, tokens = z.max(-1)
+        return tokens, z_t - _logsumexp(z, z_t)
+    logp = torch.log_softmax(z, dim=-1)
+    u = u.to(logits.device)
+    top_p = torch.tensor([ps[i].top_p for i in sampled], device=logits.device)
+    top_k = torch.tensor([ps[i].top_k for i in sampled], device=logits.device)
+    if len(sampled) == len(ps):  # no greedy row: no argmax over the batch, no row gather
+        tokens = sample_from(logp, u, top_p, top_k)
+    else:
+        tokens = logp.max(-1).indices  # greedy rows: the first maximal index, as argmax
+        idx = torch.tensor(sampled, device=logits.device)
+        tokens[idx] = sample_from(logp[idx], u, top_p, top_k)
+    return tokens, logp.gather(-1, tokens[:, None])[:, 0]
 
 
 _EXP_MIN = -87.0  # exp(x) is subnormal below ~-87.3
